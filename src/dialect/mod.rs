@@ -1,0 +1,195 @@
+//! Dialects: how each IM vendor calls us and how it wants to be answered.
+//!
+//! A dialect turns an HTTP request into a [`Callback`] (or a [`Rejection`]) and renders the
+//! acknowledgement and error bodies in the sender's own shape. It checks authenticity (Tencent's
+//! `SdkAppid` and `Sign`) before the body is read. Nothing here routes or delivers.
+
+pub mod generic;
+pub mod openim;
+pub mod tencent;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use crate::rules::Source;
+
+/// The protocol family of a source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DialectKind {
+    Tencent,
+    OpenIm,
+    Generic,
+}
+
+impl DialectKind {
+    pub fn parse(name: &str) -> Option<DialectKind> {
+        match name {
+            "tencent" => Some(DialectKind::Tencent),
+            "openim" => Some(DialectKind::OpenIm),
+            "generic" => Some(DialectKind::Generic),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DialectKind::Tencent => "tencent",
+            DialectKind::OpenIm => "openim",
+            DialectKind::Generic => "generic",
+        }
+    }
+}
+
+/// One accepted callback, as the router sees it.
+#[derive(Clone, Debug)]
+pub struct Callback {
+    /// The gateway's id for this callback (a UUIDv7: sortable by time).
+    pub event_id: Arc<str>,
+    /// Receive time, ms since the epoch.
+    pub received_at: u64,
+    pub source: Arc<Source>,
+    /// `""` when the callback has none.
+    pub command: String,
+    /// Tencent `SdkAppid`, `""` otherwise.
+    pub app_id: String,
+    /// Every query parameter, in order.
+    pub query: Vec<(String, String)>,
+    /// Every header, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The request's content type, sent on with untransformed bodies.
+    pub content_type: Option<http::HeaderValue>,
+    /// The body exactly as received.
+    pub body: Bytes,
+}
+
+/// The parts of a request a dialect reads before and after the body arrives.
+pub struct Request<'a> {
+    /// The raw query string, without `?`.
+    pub query: &'a str,
+    /// For openim: the path segment after the source's path.
+    pub path_suffix: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+impl Request<'_> {
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        form_urlencoded::parse(self.query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        form_urlencoded::parse(self.query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+
+    fn header_pairs(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Why a request was refused; answered in the dialect's error shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+impl Rejection {
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Rejection {
+        Rejection {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn bad_json(err: &serde_json::Error) -> Rejection {
+        Rejection::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {err}"),
+        )
+    }
+
+    /// The `outcome` label of `switchyard_callbacks_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            StatusCode::REQUEST_TIMEOUT => "timeout",
+            _ => "rejected",
+        }
+    }
+}
+
+/// Checks what can be checked before reading the body (Tencent's app id and signature).
+pub fn authorize(source: &Source, req: &Request<'_>, now_secs: u64) -> Result<(), Rejection> {
+    match source.dialect {
+        DialectKind::Tencent => tencent::authorize(source, req, now_secs),
+        DialectKind::OpenIm | DialectKind::Generic => Ok(()),
+    }
+}
+
+/// Builds the callback from an authorized request and its body.
+pub fn parse(
+    source: &Arc<Source>,
+    req: &Request<'_>,
+    body: Bytes,
+    event_id: Arc<str>,
+    received_at: u64,
+) -> Result<Callback, Rejection> {
+    let (command, app_id) = match source.dialect {
+        DialectKind::Tencent => tencent::command(req, &body)?,
+        DialectKind::OpenIm => (openim::command(req, &body)?, String::new()),
+        DialectKind::Generic => (generic::command(source, req, &body)?, String::new()),
+    };
+    Ok(Callback {
+        event_id,
+        received_at,
+        source: source.clone(),
+        command,
+        app_id,
+        query: req.query_pairs(),
+        headers: req.header_pairs(),
+        content_type: req.headers.get(http::header::CONTENT_TYPE).cloned(),
+        body,
+    })
+}
+
+/// The acknowledgement of an accepted callback.
+pub fn ack(kind: DialectKind, event_id: &str) -> Bytes {
+    match kind {
+        DialectKind::Tencent => tencent::ok(),
+        DialectKind::OpenIm => openim::ok(),
+        DialectKind::Generic => generic::ok(event_id),
+    }
+}
+
+/// The error body of a rejection.
+pub fn reject(kind: DialectKind, rejection: &Rejection) -> Bytes {
+    match kind {
+        DialectKind::Tencent => tencent::error(&rejection.reason),
+        DialectKind::OpenIm => openim::error(rejection.status, &rejection.reason),
+        DialectKind::Generic => generic::error(&rejection.reason),
+    }
+}
+
+/// A JSON string literal.
+fn json_str(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_string())
+}

@@ -1,0 +1,191 @@
+//! The callback ingress: request → dialect → router → spool → acknowledgement.
+//!
+//! One rule-set snapshot per request. Cheap checks come first (path, method, declared length,
+//! Tencent's app id and signature) so a bad request costs no body read. The acknowledgement is
+//! sent once the spool holds every delivery of the callback; it never waits for a target.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::Request;
+
+use crate::delivery::{now_ms, Deliverer};
+use crate::dialect::{self, DialectKind, Rejection};
+use crate::metrics as m;
+use crate::router;
+use crate::rules::{RuleSet, Source};
+use crate::script::ScriptEngine;
+use crate::server::{json, HttpResponse};
+use crate::spool::Spool;
+
+/// How long a client may take to send a body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every request handler shares.
+pub struct Ingress {
+    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub engine: Arc<ScriptEngine>,
+    pub spool: Arc<dyn Spool>,
+    pub deliverer: Arc<Deliverer>,
+}
+
+impl Ingress {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
+        let started = Instant::now();
+        let rules = self.rules.load_full();
+        let path = req.uri().path().to_string();
+        let Some((source, suffix)) = rules.source_for_path(&path) else {
+            count("", "", "not_found");
+            let rejection = Rejection::new(StatusCode::NOT_FOUND, format!("no source at {path}"));
+            return reject(DialectKind::Generic, &rejection);
+        };
+        let source = source.clone();
+        let suffix = suffix.to_string();
+        let response = self.accept(&rules, &source, &suffix, req).await;
+        metrics::histogram!(m::ACK_DURATION, "source" => source.name.to_string())
+            .record(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn accept(
+        &self,
+        rules: &RuleSet,
+        source: &Arc<Source>,
+        suffix: &str,
+        req: Request<Incoming>,
+    ) -> HttpResponse {
+        let kind = source.dialect;
+        let refuse = |rejection: Rejection| {
+            tracing::info!(
+                source = %source.name, status = rejection.status.as_u16(),
+                reason = %rejection.reason, "callback rejected"
+            );
+            count(&source.name, "", rejection.outcome());
+            reject(kind, &rejection)
+        };
+        if req.method() != Method::POST {
+            let mut resp = refuse(Rejection::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} is not allowed; callbacks are POSTed", req.method()),
+            ));
+            resp.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            return resp;
+        }
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > source.max_body as u64) {
+            return refuse(too_large(source.max_body));
+        }
+        let (parts, body) = req.into_parts();
+        let query = parts.uri.query().unwrap_or("");
+        let request = dialect::Request {
+            query,
+            path_suffix: suffix,
+            headers: &parts.headers,
+        };
+        let received_at = now_ms();
+        if let Err(rejection) = dialect::authorize(source, &request, received_at / 1000) {
+            return refuse(rejection);
+        }
+        let body = match read_body(body, source.max_body).await {
+            Ok(b) => b,
+            Err(rejection) => return refuse(rejection),
+        };
+        let event_id: Arc<str> = uuid::Uuid::now_v7().to_string().into();
+        let callback = match dialect::parse(source, &request, body, event_id, received_at) {
+            Ok(c) => c,
+            Err(rejection) => return refuse(rejection),
+        };
+
+        let routing = router::route(&callback, rules, &self.engine);
+        for (route, error) in routing.errors() {
+            metrics::counter!(
+                m::SCRIPT_ERRORS,
+                "route" => route.name.to_string(),
+                "stage" => error.stage.as_str()
+            )
+            .increment(1);
+            tracing::warn!(
+                event_id = %callback.event_id, source = %source.name, command = %callback.command,
+                route = %route.name, stage = error.stage.as_str(),
+                location = error.location.as_deref().unwrap_or("-"),
+                error = %error.message, "script failed; the route skips this callback"
+            );
+        }
+        let deliveries = routing.deliveries(&callback);
+        let command = m::command_label(&callback.command);
+        if deliveries.is_empty() {
+            count(&source.name, &command, "unrouted");
+            tracing::debug!(event_id = %callback.event_id, source = %source.name, command = %callback.command, "no route matched");
+            return json(StatusCode::OK, dialect::ack(kind, &callback.event_id));
+        }
+        let targets: Vec<Arc<str>> = deliveries.iter().map(|d| d.target.clone()).collect();
+        if let Err(e) = self.spool.enqueue(deliveries).await {
+            tracing::warn!(
+                event_id = %callback.event_id, source = %source.name, error = %e,
+                "cannot queue the deliveries; answering 503"
+            );
+            count(&source.name, &command, "unavailable");
+            return reject(
+                kind,
+                &Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the gateway is overloaded; try again later",
+                ),
+            );
+        }
+        self.deliverer.kick(&targets);
+        count(&source.name, &command, "routed");
+        tracing::debug!(
+            event_id = %callback.event_id, source = %source.name, command = %callback.command,
+            deliveries = targets.len(), "callback accepted"
+        );
+        json(StatusCode::OK, dialect::ack(kind, &callback.event_id))
+    }
+}
+
+fn too_large(limit: usize) -> Rejection {
+    Rejection::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is larger than this source's max_body of {limit} bytes"),
+    )
+}
+
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Rejection> {
+    let limited = Limited::new(body, limit);
+    match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => Err(Rejection::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "the body did not arrive in time",
+        )),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
+        Ok(Err(e)) => Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body could not be read: {e}"),
+        )),
+    }
+}
+
+fn reject(kind: DialectKind, rejection: &Rejection) -> HttpResponse {
+    json(rejection.status, dialect::reject(kind, rejection))
+}
+
+fn count(source: &str, command: &str, outcome: &'static str) {
+    metrics::counter!(
+        m::CALLBACKS,
+        "source" => source.to_string(),
+        "command" => command.to_string(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}

@@ -1,0 +1,214 @@
+//! The `switchyard` command line: parse arguments, call the library, map errors to exit codes.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchyard::{explain, rules, script, LogFormat, Settings};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A callback gateway for IM backends"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default)
+    Serve(Settings),
+    /// Load and validate the rules exactly as `serve` would
+    Check {
+        /// Rule directory
+        #[arg(
+            long = "rules",
+            value_name = "DIR",
+            env = "SWITCHYARD_RULES",
+            default_value = "rules"
+        )]
+        rules_dir: PathBuf,
+    },
+    /// Show, as JSON, what the rules would do with one callback; sends nothing
+    Explain {
+        /// Rule directory
+        #[arg(
+            long = "rules",
+            value_name = "DIR",
+            env = "SWITCHYARD_RULES",
+            default_value = "rules"
+        )]
+        rules_dir: PathBuf,
+        /// Source the callback arrives on
+        #[arg(long)]
+        source: String,
+        /// Path after the source's path (openim: the command)
+        #[arg(long, default_value = "")]
+        path_suffix: String,
+        /// Query string, e.g. 'SdkAppid=1400000000&CallbackCommand=Profile.CallbackPortraitSet'
+        #[arg(long, default_value = "")]
+        query: String,
+        /// Request header, 'Name: value' (repeatable)
+        #[arg(long = "header", value_name = "'K: V'")]
+        headers: Vec<String>,
+        /// Body file, or - for standard input
+        #[arg(default_value = "-")]
+        file: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(settings)) => serve(settings),
+        Some(Command::Check { rules_dir }) => check(&rules_dir),
+        Some(Command::Explain {
+            rules_dir,
+            source,
+            path_suffix,
+            query,
+            headers,
+            file,
+        }) => {
+            let input = read_body(&file).map(|body| explain::Input {
+                source,
+                path_suffix,
+                query,
+                headers,
+                body: body.into(),
+            });
+            match input.and_then(|i| run_explain(&rules_dir, i)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn serve(settings: Settings) -> ExitCode {
+    init_logging(settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        tokio::spawn(wait_for_stop_signal(stop.clone()));
+        match switchyard::run(settings, stop).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_stop_signal(stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                stop.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    stop.cancel();
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn check(dir: &std::path::Path) -> ExitCode {
+    let engine = script::ScriptEngine::new(dir, &script::Limits::default());
+    match rules::load(dir, &engine) {
+        Ok(rules) => {
+            for line in rules.summary() {
+                println!("{line}");
+            }
+            println!(
+                "ok: {} sources, {} targets, {} routes from {} files",
+                rules.sources.len(),
+                rules.targets.len(),
+                rules.routes.len(),
+                rules.files.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            eprintln!("{} error(s) in {}", errors.0.len(), dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_body(file: &str) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .context("reading the body from standard input")?;
+    } else {
+        body = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+    }
+    Ok(body)
+}
+
+fn run_explain(dir: &std::path::Path, input: explain::Input) -> anyhow::Result<ExitCode> {
+    let engine = script::ScriptEngine::new(dir, &script::Limits::default());
+    let rules = match rules::load(dir, &engine) {
+        Ok(r) => r,
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let report = explain::explain(&rules, &engine, input)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
+}

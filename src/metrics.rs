@@ -1,0 +1,92 @@
+//! Metric names (the contract of SPEC §7) and the Prometheus recorder.
+
+use std::collections::HashSet;
+use std::sync::{OnceLock, RwLock};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CALLBACKS: &str = "switchyard_callbacks_total";
+pub const ACK_DURATION: &str = "switchyard_ack_duration_seconds";
+pub const DELIVERIES: &str = "switchyard_deliveries_total";
+pub const DELIVERY_DURATION: &str = "switchyard_delivery_duration_seconds";
+pub const QUEUE_DEPTH: &str = "switchyard_queue_depth";
+pub const QUEUE_OLDEST: &str = "switchyard_queue_oldest_seconds";
+pub const DEAD_LETTERS: &str = "switchyard_dead_letters";
+pub const RULES_GENERATION: &str = "switchyard_rules_generation";
+pub const RULES_RELOADS: &str = "switchyard_rules_reloads_total";
+pub const SCRIPT_ERRORS: &str = "switchyard_script_errors_total";
+
+/// Installs the process-wide recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(ACK_DURATION.to_string()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(DELIVERY_DURATION.to_string()),
+                        &[
+                            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                            10.0, 30.0,
+                        ],
+                    )
+                })
+                .expect("bucket lists are non-empty");
+            let handle = builder
+                .install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(CALLBACKS, "Callbacks received, by outcome");
+    metrics::describe_histogram!(ACK_DURATION, "Time from request to acknowledgement");
+    metrics::describe_counter!(DELIVERIES, "Delivery attempts, by outcome");
+    metrics::describe_histogram!(DELIVERY_DURATION, "Duration of one delivery attempt");
+    metrics::describe_gauge!(QUEUE_DEPTH, "Deliveries queued or in flight");
+    metrics::describe_gauge!(QUEUE_OLDEST, "Age of the oldest queued delivery");
+    metrics::describe_gauge!(RULES_GENERATION, "Generation of the running rule set");
+    metrics::describe_counter!(RULES_RELOADS, "Rule reloads, by outcome");
+    metrics::describe_counter!(SCRIPT_ERRORS, "Filter and transform runtime errors");
+}
+
+/// Most distinct command labels kept; beyond it commands are counted as "other", so a sender
+/// inventing commands cannot grow the metrics without bound.
+const MAX_COMMAND_LABELS: usize = 1000;
+
+/// The `command` label for a command: itself when it looks like a command name and the label
+/// budget allows, else "other" ("" stays "").
+pub fn command_label(command: &str) -> String {
+    static SEEN: OnceLock<RwLock<HashSet<String>>> = OnceLock::new();
+    let plausible = command.len() <= 100
+        && command
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'));
+    if !plausible {
+        return "other".to_string();
+    }
+    let seen = SEEN.get_or_init(|| RwLock::new(HashSet::new()));
+    if seen
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(command)
+    {
+        return command.to_string();
+    }
+    let mut seen = seen.write().unwrap_or_else(|e| e.into_inner());
+    if seen.len() >= MAX_COMMAND_LABELS {
+        return "other".to_string();
+    }
+    seen.insert(command.to_string());
+    command.to_string()
+}

@@ -1,0 +1,572 @@
+//! The one Rhai engine: its limits, its helpers, and JSON ⇄ Rhai conversion.
+//!
+//! The engine is built once per process and never changed afterwards (a frozen engine is `Sync`
+//! and shared by every request). Rule loads compile scripts through it; the router runs them.
+//! Limits are always on, so a hostile or buggy script costs at most a bounded amount of work and
+//! fails like any other runtime error. This module never touches the network.
+
+use std::cell::RefCell;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use rhai::module_resolvers::FileModuleResolver;
+use rhai::{
+    Dynamic, Engine, EvalAltResult, ImmutableString, Map, Module, ModuleResolver, Position, Scope,
+    Shared, AST,
+};
+
+/// Limits applied to every script run.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_operations: u64,
+    pub max_call_levels: usize,
+    pub max_expr_depth: usize,
+    pub max_string_size: usize,
+    pub max_array_size: usize,
+    pub max_map_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 100_000,
+            max_call_levels: 32,
+            max_expr_depth: 64,
+            max_string_size: 1 << 20,
+            max_array_size: 10_000,
+            max_map_size: 10_000,
+        }
+    }
+}
+
+/// Which part of a route a script plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Filter,
+    Transform,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Filter => "filter",
+            Stage::Transform => "transform",
+        }
+    }
+}
+
+/// Where a script's text came from, to turn Rhai positions into `FILE:LINE:COL`.
+#[derive(Clone, Debug)]
+pub struct ScriptOrigin {
+    /// File the position is reported in (the rule file for inline scripts, else the script file).
+    pub file: Arc<str>,
+    /// Line of the script's first line in `file`, 1-based.
+    pub first_line: u32,
+    /// Column of the script's first character on its first line, 1-based.
+    pub first_col: u32,
+}
+
+impl ScriptOrigin {
+    /// Position in the file of a position in the script.
+    pub fn locate(&self, pos: Position) -> (u32, u32) {
+        let line = pos.line().unwrap_or(1) as u32;
+        let col = pos.position().unwrap_or(1) as u32;
+        if line <= 1 {
+            (self.first_line, self.first_col + col - 1)
+        } else {
+            (self.first_line + line - 1, col)
+        }
+    }
+}
+
+/// A compiled script, ready to run many times.
+#[derive(Clone)]
+pub struct Script {
+    ast: Arc<AST>,
+    pub origin: ScriptOrigin,
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Script({}:{})", self.origin.file, self.origin.first_line)
+    }
+}
+
+/// A compile error, already located in its file.
+#[derive(Debug, Clone)]
+pub struct CompileError {
+    pub file: Arc<str>,
+    pub line: u32,
+    pub col: u32,
+    pub message: String,
+}
+
+/// A runtime failure of one script run (an error or a limit hit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunError {
+    pub stage: Stage,
+    pub message: String,
+    /// `FILE:LINE` of the failure when Rhai knows it.
+    pub location: Option<String>,
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.location {
+            Some(loc) => write!(
+                f,
+                "{} failed at {}: {}",
+                self.stage.as_str(),
+                loc,
+                self.message
+            ),
+            None => write!(f, "{} failed: {}", self.stage.as_str(), self.message),
+        }
+    }
+}
+
+/// What a transform produced.
+#[derive(Debug)]
+pub enum TransformOutput {
+    /// JSON bytes to send.
+    Body(Vec<u8>),
+    /// The script returned `()`: nothing is delivered on this route.
+    Skip,
+}
+
+/// Names every filter and transform can read. Compiling with these declared lets the engine
+/// reject a misspelt variable at load time instead of at the first callback.
+pub const SCOPE_NAMES: [&str; 9] = [
+    "body",
+    "command",
+    "source",
+    "dialect",
+    "app_id",
+    "query",
+    "headers",
+    "event_id",
+    "received_at",
+];
+
+/// The values of the scope for one callback.
+pub struct Vars {
+    pub body: Dynamic,
+    pub command: ImmutableString,
+    pub source: ImmutableString,
+    pub dialect: ImmutableString,
+    pub app_id: ImmutableString,
+    pub query: Map,
+    pub headers: Map,
+    pub event_id: ImmutableString,
+    pub received_at: i64,
+}
+
+impl Vars {
+    fn scope(&self) -> Scope<'static> {
+        let mut scope = Scope::with_capacity(SCOPE_NAMES.len());
+        scope
+            .push("body", self.body.clone())
+            .push_constant("command", self.command.clone())
+            .push_constant("source", self.source.clone())
+            .push_constant("dialect", self.dialect.clone())
+            .push_constant("app_id", self.app_id.clone())
+            .push_constant("query", self.query.clone())
+            .push_constant("headers", self.headers.clone())
+            .push_constant("event_id", self.event_id.clone())
+            .push_constant("received_at", self.received_at);
+        scope
+    }
+}
+
+thread_local! {
+    /// The route whose script runs on this thread, so `print`/`debug` can name it.
+    static CURRENT_ROUTE: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
+}
+
+fn current_route() -> String {
+    CURRENT_ROUTE.with(|r| r.borrow().as_deref().unwrap_or("-").to_string())
+}
+
+/// The shared engine.
+pub struct ScriptEngine {
+    engine: Engine,
+}
+
+impl std::fmt::Debug for ScriptEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScriptEngine")
+    }
+}
+
+impl ScriptEngine {
+    /// Builds the engine. `import "x"` resolves to `rules_dir/x.rhai` and nowhere else.
+    pub fn new(rules_dir: &Path, limits: &Limits) -> ScriptEngine {
+        let mut engine = Engine::new();
+        engine
+            .set_max_operations(limits.max_operations)
+            .set_max_call_levels(limits.max_call_levels)
+            .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
+            .set_max_string_size(limits.max_string_size)
+            .set_max_array_size(limits.max_array_size)
+            .set_max_map_size(limits.max_map_size)
+            .set_max_modules(64)
+            .set_strict_variables(true);
+        engine.disable_symbol("eval");
+        engine.set_module_resolver(RulesDirResolver::new(rules_dir));
+        engine.on_print(|text| tracing::info!(route = %current_route(), "script print: {text}"));
+        engine.on_debug(|text, _source, pos| {
+            tracing::debug!(route = %current_route(), line = pos.line().unwrap_or(0), "script debug: {text}")
+        });
+        register_helpers(&mut engine);
+        ScriptEngine { engine }
+    }
+
+    /// Compiles a script. Imports with literal paths are resolved now and embedded, so a
+    /// module edited later takes effect only with the next rule load, like everything else.
+    pub fn compile(&self, text: &str, origin: ScriptOrigin) -> Result<Script, CompileError> {
+        let mut scope = Scope::new();
+        for name in SCOPE_NAMES {
+            scope.push_dynamic(name, Dynamic::UNIT);
+        }
+        match self.engine.compile_into_self_contained(&scope, text) {
+            Ok(ast) => Ok(Script {
+                ast: Arc::new(ast),
+                origin,
+            }),
+            Err(err) => {
+                let (line, col) = origin.locate(err.position());
+                Err(CompileError {
+                    file: origin.file.clone(),
+                    line,
+                    col,
+                    message: describe(&err),
+                })
+            }
+        }
+    }
+
+    /// Runs a filter; anything but a bool is an error.
+    pub fn filter(&self, route: &Arc<str>, script: &Script, vars: &Vars) -> Result<bool, RunError> {
+        let value = self.run(route, script, vars, Stage::Filter)?;
+        value.as_bool().map_err(|ty| RunError {
+            stage: Stage::Filter,
+            message: format!("a filter must evaluate to a bool, not {ty}"),
+            location: None,
+        })
+    }
+
+    /// Runs a transform; a map or array becomes JSON, `()` means "do not deliver".
+    pub fn transform(
+        &self,
+        route: &Arc<str>,
+        script: &Script,
+        vars: &Vars,
+    ) -> Result<TransformOutput, RunError> {
+        let value = self.run(route, script, vars, Stage::Transform)?;
+        if value.is_unit() {
+            return Ok(TransformOutput::Skip);
+        }
+        if !(value.is_map() || value.is_array()) {
+            return Err(RunError {
+                stage: Stage::Transform,
+                message: format!(
+                    "a transform must return a map, an array or () — it returned {}",
+                    value.type_name()
+                ),
+                location: None,
+            });
+        }
+        serde_json::to_vec(&value)
+            .map(TransformOutput::Body)
+            .map_err(|e| RunError {
+                stage: Stage::Transform,
+                message: format!("the result cannot be written as JSON: {e}"),
+                location: None,
+            })
+    }
+
+    fn run(
+        &self,
+        route: &Arc<str>,
+        script: &Script,
+        vars: &Vars,
+        stage: Stage,
+    ) -> Result<Dynamic, RunError> {
+        let mut scope = vars.scope();
+        CURRENT_ROUTE.with(|r| *r.borrow_mut() = Some(route.clone()));
+        let result = self
+            .engine
+            .eval_ast_with_scope::<Dynamic>(&mut scope, &script.ast);
+        CURRENT_ROUTE.with(|r| *r.borrow_mut() = None);
+        result.map_err(|err| {
+            let pos = err.position();
+            let location = (!pos.is_none()).then(|| {
+                let (line, _) = script.origin.locate(pos);
+                format!("{}:{}", script.origin.file, line)
+            });
+            RunError {
+                stage,
+                message: describe(&err),
+                location,
+            }
+        })
+    }
+}
+
+/// Rhai's message without its trailing " (line X, position Y)": we print our own location.
+fn describe(err: &EvalAltResult) -> String {
+    let text = match err {
+        EvalAltResult::ErrorParsing(parse, _) => parse.to_string(),
+        other => other.to_string(),
+    };
+    match text.rfind(" (line ") {
+        Some(idx) if text.ends_with(')') => text[..idx].to_string(),
+        _ => text,
+    }
+}
+
+/// Converts a JSON document to a Rhai value.
+pub fn json_to_dynamic(bytes: &[u8]) -> Result<Dynamic, serde_json::Error> {
+    serde_json::from_slice::<Dynamic>(bytes)
+}
+
+/// Resolves `import` only to `.rhai` files inside the rules directory.
+struct RulesDirResolver {
+    base: PathBuf,
+    inner: FileModuleResolver,
+}
+
+impl RulesDirResolver {
+    fn new(base: &Path) -> Self {
+        let mut inner = FileModuleResolver::new_with_path(base);
+        // Rule loads must see the module as it is now, not as it was at the first load.
+        inner.enable_cache(false);
+        RulesDirResolver {
+            base: base.to_path_buf(),
+            inner,
+        }
+    }
+}
+
+impl ModuleResolver for RulesDirResolver {
+    fn resolve(
+        &self,
+        engine: &Engine,
+        _source: Option<&str>,
+        path: &str,
+        pos: Position,
+    ) -> Result<Shared<Module>, Box<EvalAltResult>> {
+        let relative = Path::new(path);
+        let escapes = relative
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+        if escapes || path.is_empty() {
+            return Err(Box::new(EvalAltResult::ErrorInModule(
+                path.to_string(),
+                format!(
+                    "import paths must be relative and stay inside the rules directory ({})",
+                    self.base.display()
+                )
+                .into(),
+                pos,
+            )));
+        }
+        // Resolve against the rules directory whatever file imports it.
+        self.inner.resolve(engine, None, path, pos)
+    }
+}
+
+fn register_helpers(engine: &mut Engine) {
+    use base64::Engine as _;
+    use hmac::Mac;
+    use sha2::Digest;
+
+    engine.register_fn(
+        "parse_json",
+        |text: ImmutableString| -> Result<Dynamic, Box<EvalAltResult>> {
+            json_to_dynamic(text.as_bytes()).map_err(|e| format!("parse_json: {e}").into())
+        },
+    );
+    engine.register_fn(
+        "to_json",
+        |value: Dynamic| -> Result<String, Box<EvalAltResult>> {
+            serde_json::to_string(&value).map_err(|e| format!("to_json: {e}").into())
+        },
+    );
+    engine.register_fn("now_ms", || -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    });
+    engine.register_fn("sha256_hex", |text: ImmutableString| -> String {
+        hex::encode(sha2::Sha256::digest(text.as_bytes()))
+    });
+    engine.register_fn(
+        "hmac_sha256_hex",
+        |key: ImmutableString, message: ImmutableString| -> String {
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes())
+                .expect("HMAC accepts keys of any length");
+            mac.update(message.as_bytes());
+            hex::encode(mac.finalize().into_bytes())
+        },
+    );
+    engine.register_fn("base64_encode", |text: ImmutableString| -> String {
+        base64::engine::general_purpose::STANDARD.encode(text.as_bytes())
+    });
+    engine.register_fn(
+        "base64_decode",
+        |text: ImmutableString| -> Result<String, Box<EvalAltResult>> {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(|e| format!("base64_decode: {e}"))?;
+            String::from_utf8(bytes)
+                .map_err(|_| "base64_decode: the decoded bytes are not UTF-8 text".into())
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> ScriptEngine {
+        ScriptEngine::new(Path::new("."), &Limits::default())
+    }
+
+    fn origin() -> ScriptOrigin {
+        ScriptOrigin {
+            file: "rules/x.yaml".into(),
+            first_line: 10,
+            first_col: 13,
+        }
+    }
+
+    fn vars(body: &str) -> Vars {
+        Vars {
+            body: json_to_dynamic(body.as_bytes()).unwrap(),
+            command: "Profile.CallbackPortraitSet".into(),
+            source: "tencent-im".into(),
+            dialect: "tencent".into(),
+            app_id: "1400000000".into(),
+            query: Map::new(),
+            headers: Map::new(),
+            event_id: "ev-1".into(),
+            received_at: 1,
+        }
+    }
+
+    #[test]
+    fn filter_reads_body_and_scope() {
+        let e = engine();
+        let s = e
+            .compile(
+                r#"body.ProfileItem.some(|i| i.Tag == "Tag_Profile_IM_Nick") && app_id == "1400000000""#,
+                origin(),
+            )
+            .unwrap();
+        let route: Arc<str> = "r".into();
+        let v = vars(r#"{"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"n"}]}"#);
+        assert!(e.filter(&route, &s, &v).unwrap());
+        let v = vars(r#"{"ProfileItem":[{"Tag":"Tag_Profile_IM_Gender","Value":"n"}]}"#);
+        assert!(!e.filter(&route, &s, &v).unwrap());
+    }
+
+    #[test]
+    fn transform_outputs_json_or_skip() {
+        let e = engine();
+        let route: Arc<str> = "r".into();
+        let s = e
+            .compile(
+                r#"#{ user: body.From_Account, cmd: command, n: 1 }"#,
+                origin(),
+            )
+            .unwrap();
+        let TransformOutput::Body(out) = e
+            .transform(&route, &s, &vars(r#"{"From_Account":"id1"}"#))
+            .unwrap()
+        else {
+            panic!("skipped")
+        };
+        let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"user":"id1","cmd":"Profile.CallbackPortraitSet","n":1})
+        );
+        let s = e
+            .compile("if body.x == 1 { () } else { body }", origin())
+            .unwrap();
+        assert!(matches!(
+            e.transform(&route, &s, &vars(r#"{"x":1}"#)).unwrap(),
+            TransformOutput::Skip
+        ));
+    }
+
+    #[test]
+    fn compile_errors_are_located_in_the_rule_file() {
+        let e = engine();
+        let err = e.compile("body.x ==", origin()).unwrap_err();
+        assert_eq!(err.line, 10);
+        let err = e.compile("true\n && nosuchvar", origin()).unwrap_err();
+        assert_eq!(err.line, 11, "{err:?}");
+        assert!(err.message.contains("nosuchvar"), "{err:?}");
+    }
+
+    #[test]
+    fn limits_stop_runaway_scripts() {
+        let e = engine();
+        let route: Arc<str> = "r".into();
+        let s = e.compile("loop { }", origin()).unwrap();
+        let err = e.filter(&route, &s, &vars("{}")).unwrap_err();
+        assert!(err.message.contains("operations"), "{err:?}");
+        let s = e
+            .compile("let s = \"x\"; loop { s += s; } true", origin())
+            .unwrap();
+        assert!(e.filter(&route, &s, &vars("{}")).is_err());
+        let s = e.compile("fn f(x) { f(x) } f(1)", origin()).unwrap();
+        assert!(e.filter(&route, &s, &vars("{}")).is_err());
+    }
+
+    #[test]
+    fn eval_and_escaping_imports_are_refused() {
+        let e = engine();
+        assert!(e.compile(r#"eval("1")"#, origin()).is_err());
+        let err = e
+            .compile(r#"import "../etc/passwd" as p; true"#, origin())
+            .unwrap_err();
+        assert!(err.message.contains("rules directory"), "{err:?}");
+    }
+
+    #[test]
+    fn helpers() {
+        let e = engine();
+        let route: Arc<str> = "r".into();
+        let s = e
+            .compile(
+                r#"sha256_hex("xxxxyyyy1669872112") == "17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061"
+                   && base64_decode(base64_encode("hé")) == "hé"
+                   && parse_json("{\"a\":[1,2]}").a[1] == 2
+                   && to_json(#{a: 1}) == "{\"a\":1}"
+                   && hmac_sha256_hex("key", "The quick brown fox jumps over the lazy dog") == "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+                   && now_ms() > 0"#,
+                origin(),
+            )
+            .unwrap();
+        assert!(e.filter(&route, &s, &vars("{}")).unwrap());
+    }
+
+    #[test]
+    fn runtime_errors_name_stage_and_line() {
+        let e = engine();
+        let route: Arc<str> = "r".into();
+        let s = e
+            .compile("let x = 1;\nx + body.missing.deeper", origin())
+            .unwrap();
+        let err = e.filter(&route, &s, &vars("{}")).unwrap_err();
+        assert_eq!(err.stage, Stage::Filter);
+        assert_eq!(err.location.as_deref(), Some("rules/x.yaml:11"), "{err:?}");
+        let s = e.compile("42", origin()).unwrap();
+        assert!(e.filter(&route, &s, &vars("{}")).is_err());
+        assert!(e.transform(&route, &s, &vars("{}")).is_err());
+    }
+}

@@ -1,0 +1,64 @@
+//! Command-line flags of `serve`, each also read from `SWITCHYARD_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::rules::text::{parse_duration, parse_size};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings of a running gateway.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Settings {
+    /// Rule directory
+    #[arg(
+        long = "rules",
+        value_name = "DIR",
+        env = "SWITCHYARD_RULES",
+        default_value = "rules"
+    )]
+    pub rules_dir: PathBuf,
+    /// Callback ingress address
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SWITCHYARD_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub listen: SocketAddr,
+    /// Health, metrics and admin API address; keep it private
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SWITCHYARD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+    /// Directory of the embedded spool
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "SWITCHYARD_DATA_DIR",
+        default_value = "data"
+    )]
+    pub data_dir: PathBuf,
+    /// Log format on stderr
+    #[arg(
+        long,
+        value_enum,
+        env = "SWITCHYARD_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Most bytes of deliveries held in the queue; beyond it callbacks are answered 503
+    #[arg(long, value_name = "SIZE", env = "SWITCHYARD_MAX_SPOOL", default_value = "256MiB", value_parser = parse_size)]
+    pub max_spool: u64,
+    /// How long shutdown waits for requests and delivery attempts in progress
+    #[arg(long, value_name = "DURATION", env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
