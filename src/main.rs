@@ -28,26 +28,11 @@ enum Command {
     /// Run the gateway (the default)
     Serve(Settings),
     /// Load and validate the rules exactly as `serve` would
-    Check {
-        /// Rule directory
-        #[arg(
-            long = "rules",
-            value_name = "DIR",
-            env = "SWITCHYARD_RULES",
-            default_value = "rules"
-        )]
-        rules_dir: PathBuf,
-    },
+    Check(RulesDir),
     /// Show, as JSON, what the rules would do with one callback; sends nothing
     Explain {
-        /// Rule directory
-        #[arg(
-            long = "rules",
-            value_name = "DIR",
-            env = "SWITCHYARD_RULES",
-            default_value = "rules"
-        )]
-        rules_dir: PathBuf,
+        #[command(flatten)]
+        rules: RulesDir,
         /// Source the callback arrives on
         #[arg(long)]
         source: String,
@@ -66,14 +51,27 @@ enum Command {
     },
 }
 
+/// `--rules DIR` of the commands that only read the rules.
+#[derive(clap::Args)]
+struct RulesDir {
+    /// Rule directory
+    #[arg(
+        long = "rules",
+        value_name = "DIR",
+        env = "SWITCHYARD_RULES",
+        default_value = "rules"
+    )]
+    dir: PathBuf,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(settings)) => serve(settings),
-        Some(Command::Check { rules_dir }) => check(&rules_dir),
+        Some(Command::Check(rules)) => check(&rules.dir),
         Some(Command::Explain {
-            rules_dir,
+            rules,
             source,
             path_suffix,
             query,
@@ -87,7 +85,7 @@ fn main() -> ExitCode {
                 headers,
                 body: body.into(),
             });
-            match input.and_then(|i| run_explain(&rules_dir, i)) {
+            match input.and_then(|i| run_explain(&rules.dir, i)) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");

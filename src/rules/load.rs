@@ -441,24 +441,10 @@ fn read_file(ctx: &mut Ctx<'_>, node: &Node, raw: &mut RawRules) {
         return;
     };
     if let Some(sources) = top.take("sources") {
-        if let Some(mut entries) = ctx.map(sources, "`sources`") {
-            for (key, value) in entries.entries {
-                let origin = ctx.origin(key.pos);
-                let source = read_source(ctx, &key.name, value, origin.clone());
-                raw.sources.push((origin, source));
-            }
-            entries.taken.fill(true);
-        }
+        read_named(ctx, sources, "sources", read_source, &mut raw.sources);
     }
     if let Some(targets) = top.take("targets") {
-        if let Some(mut entries) = ctx.map(targets, "`targets`") {
-            for (key, value) in entries.entries {
-                let origin = ctx.origin(key.pos);
-                let target = read_target(ctx, &key.name, value, origin.clone());
-                raw.targets.push((origin, target));
-            }
-            entries.taken.fill(true);
-        }
+        read_named(ctx, targets, "targets", read_target, &mut raw.targets);
     }
     if let Some(routes) = top.take("routes") {
         match &routes.value {
@@ -477,6 +463,35 @@ fn read_file(ctx: &mut Ctx<'_>, node: &Node, raw: &mut RawRules) {
         }
     }
     top.finish(ctx);
+}
+
+type EntryReader<T> = fn(&mut Ctx<'_>, &str, &Node, Origin) -> Option<T>;
+
+/// Reads a `name: {…}` mapping (sources, targets) entry by entry.
+fn read_named<T>(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    key: &str,
+    read: EntryReader<T>,
+    out: &mut Vec<(Origin, Option<T>)>,
+) {
+    match &node.value {
+        Value::Map(entries) => {
+            for (name, value) in entries {
+                let origin = ctx.origin(name.pos);
+                let entry = read(ctx, &name.name, value, origin.clone());
+                out.push((origin, entry));
+            }
+        }
+        Value::Null => {}
+        other => ctx.error(
+            node.pos,
+            format!(
+                "`{key}` must be a mapping of names to definitions, found {}",
+                other.kind()
+            ),
+        ),
+    }
 }
 
 fn read_source(ctx: &mut Ctx<'_>, name: &str, node: &Node, origin: Origin) -> Option<Source> {
