@@ -153,7 +153,9 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // The event's own `target` field (a delivery target) must not be shadowed by the
+        // module path tracing would add under the same key.
+        LogFormat::Json => builder.json().flatten_event(true).with_target(false).init(),
     }
 }
 

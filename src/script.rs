@@ -67,6 +67,11 @@ pub struct ScriptOrigin {
 }
 
 impl ScriptOrigin {
+    /// `FILE:LINE` of the script's first line: where an error about its result points.
+    pub fn start(&self) -> String {
+        format!("{}:{}", self.file, self.first_line)
+    }
+
     /// Position in the file of a position in the script.
     pub fn locate(&self, pos: Position) -> (u32, u32) {
         let line = pos.line().unwrap_or(1) as u32;
@@ -251,7 +256,7 @@ impl ScriptEngine {
         value.as_bool().map_err(|ty| RunError {
             stage: Stage::Filter,
             message: format!("a filter must evaluate to a bool, not {ty}"),
-            location: None,
+            location: Some(script.origin.start()),
         })
     }
 
@@ -273,7 +278,7 @@ impl ScriptEngine {
                     "a transform must return a map, an array or () — it returned {}",
                     value.type_name()
                 ),
-                location: None,
+                location: Some(script.origin.start()),
             });
         }
         serde_json::to_vec(&value)
@@ -281,7 +286,7 @@ impl ScriptEngine {
             .map_err(|e| RunError {
                 stage: Stage::Transform,
                 message: format!("the result cannot be written as JSON: {e}"),
-                location: None,
+                location: Some(script.origin.start()),
             })
     }
 

@@ -186,11 +186,17 @@ impl Deliverer {
                 None => self.fail_removed(&worker),
             }
             let next_due = self.spool.next_due(&worker.name);
+            // One reading of the clock: with two, the millisecond can tick between the check
+            // and the subtraction, which underflowed (a panic that killed this target's
+            // scheduler for good in debug builds, a near-endless sleep in release).
+            let now = now_ms();
             let sleep = match next_due {
+                Some(due) if due > now => Duration::from_millis(due - now),
+                // Fell due after `start_due` read the clock, and a slot is free: go round again
+                // (sleeping an hour here stranded it until some other delivery woke us).
+                Some(_) if has_free_slot(&worker, &rules) => Duration::from_millis(1),
                 // Due now but no free slot: an attempt's end wakes us.
-                Some(due) if due <= now_ms() => Duration::from_secs(3600),
-                Some(due) => Duration::from_millis(due - now_ms()),
-                None => Duration::from_secs(3600),
+                Some(_) | None => Duration::from_secs(3600),
             };
             tokio::select! {
                 _ = worker.wake.notified() => {}
@@ -298,6 +304,12 @@ impl Deliverer {
             );
         }
     }
+}
+
+fn has_free_slot(worker: &Worker, rules: &RuleSet) -> bool {
+    rules
+        .target(&worker.name)
+        .is_some_and(|t| worker.in_flight.load(Ordering::Acquire) < t.concurrency)
 }
 
 fn count(delivery: &Delivery, outcome: &'static str) {

@@ -153,6 +153,7 @@ pub fn parse(
     event_id: Arc<str>,
     received_at: u64,
 ) -> Result<Callback, Rejection> {
+    check_json(&body)?;
     let (command, app_id) = match source.dialect {
         DialectKind::Tencent => tencent::command(req, &body)?,
         DialectKind::OpenIm => (openim::command(req, &body)?, String::new()),
@@ -169,6 +170,58 @@ pub fn parse(
         content_type: req.headers.get(http::header::CONTENT_TYPE).cloned(),
         body,
     })
+}
+
+/// Deepest nesting of arrays and objects accepted: what scripts can read (serde_json's
+/// recursion limit is 128), so a body a route could not look at is refused up front.
+pub const MAX_DEPTH: usize = 127;
+
+/// What the dialects' partial parses let through unchecked: they skip the fields they do not
+/// read without validating UTF-8 or bounding the depth. One pass over the bytes, no allocation.
+fn check_json(body: &[u8]) -> Result<(), Rejection> {
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body is not valid JSON: invalid UTF-8 at byte {}",
+                e.valid_up_to()
+            ),
+        ));
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(Rejection::new(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "the body is not usable JSON: it nests deeper than {MAX_DEPTH} levels"
+                        ),
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether the body is a JSON object (serde would also take an array for a struct).
+fn is_object(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 /// The acknowledgement of an accepted callback.
@@ -192,4 +245,33 @@ pub fn reject(kind: DialectKind, rejection: &Rejection) -> Bytes {
 /// A JSON string literal.
 fn json_str(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_json_refuses_invalid_utf8_and_deep_nesting() {
+        assert!(check_json(br#"{"a":[1,{"b":"x"}]}"#).is_ok());
+        let err = check_json(b"{\"a\":\"\xff\"}").unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.reason.contains("UTF-8"), "{}", err.reason);
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_json(deep(MAX_DEPTH).as_bytes()).is_ok());
+        assert!(check_json(deep(MAX_DEPTH + 1).as_bytes()).is_err());
+        // Brackets inside strings, and escaped quotes, do not count.
+        let text = format!(r#"{{"s":"{}\"{}"}}"#, "[".repeat(500), "{".repeat(500));
+        assert!(check_json(text.as_bytes()).is_ok());
+        // A body serde_json can read as a whole is never refused for depth.
+        let ok = deep(MAX_DEPTH);
+        assert!(serde_json::from_str::<serde_json::Value>(&ok).is_ok());
+    }
+
+    #[test]
+    fn objects_only() {
+        assert!(is_object(b" \r\n\t{}"));
+        assert!(!is_object(b"[\"Profile.X\"]"));
+        assert!(!is_object(b""));
+    }
 }

@@ -22,6 +22,12 @@ pub(super) fn command(req: &Request<'_>, body: &[u8]) -> Result<String, Rejectio
             Rejection::bad_json(&e)
         }
     })?;
+    if !super::is_object(body) {
+        return Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object, not an array",
+        ));
+    }
     if !req.path_suffix.is_empty() {
         return Ok(req.path_suffix.to_string());
     }

@@ -93,6 +93,12 @@ pub(super) fn command(req: &Request<'_>, body: &[u8]) -> Result<(String, String)
             Rejection::bad_json(&e)
         }
     })?;
+    if !super::is_object(body) {
+        return Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object, not an array",
+        ));
+    }
     let command = req
         .query_param("CallbackCommand")
         .filter(|c| !c.is_empty())

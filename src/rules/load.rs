@@ -415,8 +415,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 #[derive(Default)]
 struct RawRules {
-    sources: Vec<(Origin, Option<Source>)>,
-    targets: Vec<(Origin, Option<Target>)>,
+    sources: Vec<Named<Source>>,
+    targets: Vec<Named<Target>>,
     routes: Vec<RawRoute>,
 }
 
@@ -473,14 +473,14 @@ fn read_named<T>(
     node: &Node,
     key: &str,
     read: EntryReader<T>,
-    out: &mut Vec<(Origin, Option<T>)>,
+    out: &mut Vec<Named<T>>,
 ) {
     match &node.value {
         Value::Map(entries) => {
             for (name, value) in entries {
                 let origin = ctx.origin(name.pos);
                 let entry = read(ctx, &name.name, value, origin.clone());
-                out.push((origin, entry));
+                out.push((origin, name.name.clone(), entry));
             }
         }
         Value::Null => {}
@@ -995,6 +995,36 @@ fn read_route(ctx: &mut Ctx<'_>, node: &Node) -> Option<RawRoute> {
 
 type Resolved = (Vec<Arc<Source>>, Vec<Arc<Target>>, Vec<Route>);
 
+/// An entry of a `name: {…}` mapping: where it stands, its name, and its value if it is valid.
+type Named<T> = (Origin, String, Option<T>);
+
+/// Keeps the first definition of each name; a later one is an error naming the first place.
+/// Entries that failed their own checks still take their name, so a duplicate of an invalid
+/// entry is reported in the same pass, and references to it are not reported as unknown.
+fn unique<T>(
+    kind: &str,
+    entries: Vec<Named<T>>,
+    errors: &mut Vec<LoadError>,
+) -> (HashMap<String, Origin>, Vec<(Origin, T)>) {
+    let mut names: HashMap<String, Origin> = HashMap::new();
+    let mut valid = Vec::new();
+    for (origin, name, entry) in entries {
+        if let Some(first) = names.get(&name) {
+            push(
+                errors,
+                &origin,
+                format!("duplicate {kind} name `{name}` (first defined at {first})"),
+            );
+            continue;
+        }
+        names.insert(name, origin.clone());
+        if let Some(entry) = entry {
+            valid.push((origin, entry));
+        }
+    }
+    (names, valid)
+}
+
 fn push(errors: &mut Vec<LoadError>, at: &Origin, message: String) {
     errors.push(LoadError {
         file: at.file.to_string(),
@@ -1011,56 +1041,28 @@ fn resolve(
     errors: &mut Vec<LoadError>,
     hasher: &mut DefaultHasher,
 ) -> Resolved {
-    let mut source_names: HashMap<String, Origin> = HashMap::new();
-    let mut paths: HashMap<String, (String, Origin)> = HashMap::new();
-    let mut sources = Vec::new();
-    for (origin, source) in raw.sources {
-        let Some(source) = source else { continue };
-        if let Some(first) = source_names.get(&*source.name) {
-            push(
-                errors,
-                &origin,
-                format!(
-                    "duplicate source name `{}` (first defined at {first})",
-                    source.name
-                ),
-            );
-            continue;
-        }
-        source_names.insert(source.name.to_string(), origin.clone());
-        if let Some((other, first)) = paths.get(&source.path) {
-            push(
-                errors,
-                &origin,
-                format!(
-                    "path `{}` is already used by source `{other}` at {first}",
-                    source.path
-                ),
-            );
-            continue;
-        }
-        paths.insert(source.path.clone(), (source.name.to_string(), origin));
-        sources.push(Arc::new(source));
-    }
-    // A name can also be taken by an entry that failed its own checks; those are not duplicates.
-    let mut target_names: HashMap<String, Origin> = HashMap::new();
-    let mut targets = Vec::new();
-    for (origin, target) in raw.targets {
-        let Some(target) = target else { continue };
-        if let Some(first) = target_names.get(&*target.name) {
-            push(
-                errors,
-                &origin,
-                format!(
-                    "duplicate target name `{}` (first defined at {first})",
-                    target.name
-                ),
-            );
-            continue;
-        }
-        target_names.insert(target.name.to_string(), origin);
-        targets.push(Arc::new(target));
-    }
+    let (source_names, sources) = unique("source", raw.sources, errors);
+    let mut paths: HashMap<String, (Arc<str>, Origin)> = HashMap::new();
+    let sources = sources
+        .into_iter()
+        .filter_map(|(origin, source)| {
+            if let Some((other, first)) = paths.get(&source.path) {
+                push(
+                    errors,
+                    &origin,
+                    format!(
+                        "path `{}` is already used by source `{other}` at {first}",
+                        source.path
+                    ),
+                );
+                return None;
+            }
+            paths.insert(source.path.clone(), (source.name.clone(), origin));
+            Some(Arc::new(source))
+        })
+        .collect();
+    let (target_names, targets) = unique("target", raw.targets, errors);
+    let targets = targets.into_iter().map(|(_, t)| Arc::new(t)).collect();
 
     let mut route_names: HashMap<Arc<str>, Origin> = HashMap::new();
     let mut routes = Vec::new();
@@ -1304,6 +1306,25 @@ routes:
         );
         assert!(text.contains("a.yaml:2:3"), "{text}");
         assert!(text.contains("b.yml:6:"), "{text}");
+    }
+
+    #[test]
+    fn an_invalid_entry_still_takes_its_name() {
+        let a = "targets:\n  t:\n    url: not-a-url\nroutes:\n  - {name: r, to: [t]}\n";
+        let b = "targets:\n  t:\n    url: http://h/b\n";
+        let text = load_files(&[("a.yaml", a), ("b.yaml", b)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("a.yaml:3:10: `not-a-url` is not a URL"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b.yaml:2:3: duplicate target name `t`"),
+            "{text}"
+        );
+        assert!(!text.contains("unknown target"), "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
     }
 
     #[test]

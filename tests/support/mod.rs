@@ -558,3 +558,215 @@ pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+// ---- helpers for the delivery, reload and admin tests (appended) ----
+
+impl Gateway {
+    /// The exit status if the process has exited, without waiting.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits (after a signal sent with [`Gateway::signal`]) for the process to exit; returns its
+    /// status and its whole log.
+    pub fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "switchyard did not exit in {timeout:?}; log:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // Let the log reader drain the pipe.
+        std::thread::sleep(Duration::from_millis(100));
+        (status, self.logs())
+    }
+
+    /// The log lines as JSON objects (lines that are not JSON are skipped).
+    pub fn log_json(&self) -> Vec<serde_json::Value> {
+        parse_log(&self.logs())
+    }
+}
+
+/// JSON log lines, parsed.
+pub fn parse_log(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+impl Sink {
+    /// Starts a sink on a given address, retrying while the address is still in use (a sink
+    /// on it was just stopped): the target comes back up on the same port.
+    pub async fn restart_on(addr: SocketAddr) -> Sink {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match TcpListener::bind(addr).await {
+                Ok(probe) => {
+                    drop(probe);
+                    return Sink::start_on(&addr.to_string()).await;
+                }
+                Err(e) if Instant::now() > deadline => panic!("cannot rebind {addr}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// A port with nothing listening: a sink is started, its port noted, and the sink stopped.
+    pub async fn down() -> SocketAddr {
+        let sink = Sink::start().await;
+        let addr = sink.addr;
+        sink.stop();
+        // Wait until the listener is really closed.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            assert!(Instant::now() < deadline, "sink on {addr} did not stop");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        addr
+    }
+}
+
+// ---- helpers for the ingress, robustness and CLI tests (appended) ----
+
+/// An answer read off a raw TCP connection.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "answer is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Sends `request` as raw bytes on a new connection (written while the answer is read, so a
+/// server that answers before the body is complete is seen doing so) and returns the first
+/// answer, or `None` when the server closed the connection without one. Panics after 10 s.
+pub async fn raw_request(addr: SocketAddr, request: Vec<u8>) -> Option<RawReply> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        // The server may close early (e.g. 413): a failed write is part of what is tested.
+        for chunk in request.chunks(64 * 1024) {
+            if wr.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.flush().await;
+        // Keep the write half open: closing it could end the connection before the answer.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        drop(wr);
+    });
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if let Some(reply) = parse_raw_reply(&buf) {
+                return Some(reply);
+            }
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => return parse_raw_reply(&buf),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no answer and no close within 10 s");
+    writer.abort();
+    reply
+}
+
+/// A complete HTTP/1.1 response at the start of `buf` (Content-Length bodies only).
+fn parse_raw_reply(buf: &[u8]) -> Option<RawReply> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let body = buf.get(end + 4..end + 4 + len)?.to_vec();
+    Some(RawReply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A body in HTTP/1.1 chunked encoding, in chunks of `chunk` bytes.
+pub fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / chunk * 8 + 8);
+    for part in body.chunks(chunk) {
+        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// Like [`run_cli`], with extra environment variables.
+pub fn run_cli_env(
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    {
+        let mut sin = child.stdin.take().unwrap();
+        if let Some(input) = stdin {
+            sin.write_all(input.as_bytes()).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
