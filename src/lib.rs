@@ -58,6 +58,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
 
     let ingress_listener = bind("ingress", settings.listen).await?;
     let admin_listener = bind("admin", settings.admin_listen).await?;
+    let (ingress_addr, admin_addr) = (local_addr(&ingress_listener), local_addr(&admin_listener));
 
     let spool: Arc<dyn spool::Spool> = Arc::new(spool::MemorySpool::new(settings.max_spool));
     let delivery_stop = CancellationToken::new();
@@ -112,7 +113,11 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
             "rules loaded"
         );
     }
-    tracing::info!(ingress = %settings.listen, admin = %settings.admin_listen, "switchyard started");
+    tracing::info!(
+        ingress = %ingress_addr,
+        admin = %admin_addr,
+        "switchyard started"
+    );
     server::serve(
         "ingress",
         ingress_listener,
@@ -138,7 +143,13 @@ async fn bind(name: &str, addr: std::net::SocketAddr) -> Result<TcpListener, Sta
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
-    let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(listener = name, addr = %local, "listening");
+    tracing::info!(listener = name, addr = %local_addr(&listener), "listening");
     Ok(listener)
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into())
 }

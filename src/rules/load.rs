@@ -130,7 +130,8 @@ pub fn load_with_env(
         }
     }
 
-    let rules = resolve(dir, engine, raw, &mut errors, &mut hasher);
+    let rules = resolve(dir, engine, raw, &mut errors);
+    hash_scripts(dir, 0, &mut hasher);
     if errors.is_empty() {
         let (sources, targets, routes) = rules;
         Ok(RuleSet::new(
@@ -166,6 +167,33 @@ fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     }
     files.sort();
     Ok(files)
+}
+
+/// Hashes every `.rhai` file under `dir` (scripts and the modules they import), so that editing
+/// any of them is a change, not only the files rules name directly.
+fn hash_scripts(dir: &Path, depth: u32, hasher: &mut DefaultHasher) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for path in paths {
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_none_or(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if path.extension().is_some_and(|e| e == "rhai") {
+            if let Ok(bytes) = std::fs::read(&path) {
+                path.hash(hasher);
+                bytes.hash(hasher);
+            }
+        } else if depth < 4 && path.is_dir() {
+            hash_scripts(&path, depth + 1, hasher);
+        }
+    }
 }
 
 fn read_text(path: &Path) -> Result<String, String> {
@@ -278,6 +306,22 @@ impl Ctx<'_> {
                 None
             }
         }
+    }
+
+    /// A route's `sources` / `commands`: an empty list would match nothing, which is never what
+    /// was meant, so it is an error rather than a route that silently never fires.
+    fn selector_list(&mut self, node: &Node, key: &str, each: &str) -> Option<Vec<(Pos, String)>> {
+        let list = self.string_list(node, key)?;
+        if list.is_empty() {
+            self.error(
+                node.pos,
+                format!(
+                    "`{key}` is empty and would match nothing; leave it out to match every {each}"
+                ),
+            );
+            return None;
+        }
+        Some(list)
     }
 
     fn integer(&mut self, node: &Node, what: &str, min: u64, max: u64) -> Option<u64> {
@@ -913,7 +957,7 @@ fn read_route(ctx: &mut Ctx<'_>, node: &Node) -> Option<RawRoute> {
 
     let sources = match sources {
         None => None,
-        Some(n) => match ctx.string_list(n, "sources") {
+        Some(n) => match ctx.selector_list(n, "sources", "source") {
             Some(list) => Some(
                 list.into_iter()
                     .map(|(pos, s)| (ctx.origin(pos), Arc::<str>::from(s)))
@@ -927,7 +971,7 @@ fn read_route(ctx: &mut Ctx<'_>, node: &Node) -> Option<RawRoute> {
     };
     let commands = match commands {
         None => None,
-        Some(n) => match ctx.string_list(n, "commands") {
+        Some(n) => match ctx.selector_list(n, "commands", "command") {
             Some(list) => Some(list.into_iter().map(|(_, s)| Glob::new(&s)).collect()),
             None => {
                 valid = false;
@@ -1039,7 +1083,6 @@ fn resolve(
     engine: &ScriptEngine,
     raw: RawRules,
     errors: &mut Vec<LoadError>,
-    hasher: &mut DefaultHasher,
 ) -> Resolved {
     let (source_names, sources) = unique("source", raw.sources, errors);
     let mut paths: HashMap<String, (Arc<str>, Origin)> = HashMap::new();
@@ -1104,8 +1147,8 @@ fn resolve(
                 valid = false;
             }
         }
-        let filter = compile(dir, engine, raw_route.filter, errors, hasher);
-        let transform = compile(dir, engine, raw_route.transform, errors, hasher);
+        let filter = compile(dir, engine, raw_route.filter, errors);
+        let transform = compile(dir, engine, raw_route.transform, errors);
         if !valid {
             continue;
         }
@@ -1132,7 +1175,6 @@ fn compile(
     engine: &ScriptEngine,
     text: Option<ScriptText>,
     errors: &mut Vec<LoadError>,
-    hasher: &mut DefaultHasher,
 ) -> Result<Option<Script>, ()> {
     let (source, origin) = match text {
         None => return Ok(None),
@@ -1150,7 +1192,6 @@ fn compile(
             let full = dir.join(relative);
             match read_text(&full) {
                 Ok(source) => {
-                    source.hash(hasher);
                     let origin = ScriptOrigin {
                         file: full.display().to_string().into(),
                         first_line: 1,
@@ -1306,6 +1347,34 @@ routes:
         );
         assert!(text.contains("a.yaml:2:3"), "{text}");
         assert!(text.contains("b.yml:6:"), "{text}");
+    }
+
+    #[test]
+    fn editing_an_imported_module_changes_the_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        write(
+            "a.yaml",
+            "targets:\n  t: {url: \"http://h/a\"}\nroutes:\n  - name: r\n    filter: 'import \"lib/m\" as m; m::ok()'\n    to: [t]\n",
+        );
+        write("lib/m.rhai", "fn ok() { true }");
+        let engine = ScriptEngine::new(dir.path(), &Limits::default());
+        let first = load(dir.path(), &engine).unwrap().fingerprint;
+        assert_eq!(load(dir.path(), &engine).unwrap().fingerprint, first);
+        write("lib/m.rhai", "fn ok() { false }");
+        assert_ne!(load(dir.path(), &engine).unwrap().fingerprint, first);
+    }
+
+    #[test]
+    fn empty_selectors_are_errors() {
+        let y = "targets:\n  t: {url: \"http://h/a\"}\nroutes:\n  - {name: r, sources: [], commands: [], to: [t]}\n";
+        let text = load_files(&[("a.yaml", y)]).unwrap_err().to_string();
+        assert!(text.contains("a.yaml:4:24: `sources` is empty"), "{text}");
+        assert!(text.contains("`commands` is empty"), "{text}");
     }
 
     #[test]
