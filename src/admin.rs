@@ -15,12 +15,16 @@ use serde_json::json;
 use crate::delivery::Deliverer;
 use crate::reload::Reloader;
 use crate::rules::RuleSet;
+use crate::script::ScriptEngine;
 use crate::server::{self, HttpResponse};
+use crate::spool::Spool;
 
 pub struct Admin {
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub reloader: Arc<Reloader>,
     pub deliverer: Arc<Deliverer>,
+    pub spool: Arc<dyn Spool>,
+    pub engine: Arc<ScriptEngine>,
     pub metrics: PrometheusHandle,
 }
 

@@ -21,7 +21,7 @@ use crate::router;
 use crate::rules::{RuleSet, Source};
 use crate::script::ScriptEngine;
 use crate::server::{json, HttpResponse};
-use crate::spool::Spool;
+use crate::spool::{Batch, DeadLetter, Spool};
 
 /// How long a client may take to send a body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -107,6 +107,7 @@ impl Ingress {
         };
 
         let routing = router::route(&callback, rules, &self.engine);
+        let mut dead = Vec::new();
         for (route, error) in routing.errors() {
             metrics::counter!(
                 m::SCRIPT_ERRORS,
@@ -118,21 +119,32 @@ impl Ingress {
                 event_id = %callback.event_id, source = %source.name, command = %callback.command,
                 route = %route.name, stage = error.stage.as_str(),
                 location = error.location.as_deref().unwrap_or("-"),
-                error = %error.message, "script failed; the route skips this callback"
+                error = %error.message, "script failed; the callback is kept as a dead letter of the route"
             );
+            dead.push(DeadLetter::of_callback(
+                &callback,
+                route.name.clone(),
+                error.to_string(),
+                now_ms(),
+            ));
         }
         let deliveries = routing.deliveries(&callback);
         let command = m::command_label(&callback.command);
-        if deliveries.is_empty() {
+        if deliveries.is_empty() && dead.is_empty() {
             count(&source.name, &command, "unrouted");
             tracing::debug!(event_id = %callback.event_id, source = %source.name, command = %callback.command, "no route matched");
             return json(StatusCode::OK, dialect::ack(kind, &callback.event_id));
         }
         let targets: Vec<Arc<str>> = deliveries.iter().map(|d| d.target.clone()).collect();
-        if let Err(e) = self.spool.enqueue(deliveries).await {
+        let outcome = if deliveries.is_empty() {
+            "unrouted"
+        } else {
+            "routed"
+        };
+        if let Err(e) = self.spool.enqueue(Batch { deliveries, dead }).await {
             tracing::warn!(
                 event_id = %callback.event_id, source = %source.name, error = %e,
-                "cannot queue the deliveries; answering 503"
+                "cannot store the deliveries; answering 503"
             );
             count(&source.name, &command, "unavailable");
             return reject(
@@ -144,7 +156,7 @@ impl Ingress {
             );
         }
         self.deliverer.kick(&targets);
-        count(&source.name, &command, "routed");
+        count(&source.name, &command, outcome);
         tracing::debug!(
             event_id = %callback.event_id, source = %source.name, command = %callback.command,
             deliveries = targets.len(), "callback accepted"

@@ -35,6 +35,8 @@ pub enum StartError {
         dir: String,
         errors: rules::LoadErrors,
     },
+    #[error("cannot open the spool: {0}")]
+    Spool(spool::SpoolError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -56,11 +58,23 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
         })?;
     let rules = Arc::new(ArcSwap::from_pointee(initial));
 
+    let spool: Arc<dyn spool::Spool> = match settings.spool {
+        settings::SpoolKind::Redb => {
+            let spool = spool::RedbSpool::open(&settings.data_dir, settings.max_spool)
+                .map_err(StartError::Spool)?;
+            tracing::info!(path = %spool.path.display(), used_bytes = spool.used_bytes(), "spool open");
+            Arc::new(spool)
+        }
+        settings::SpoolKind::Memory => {
+            tracing::warn!("the in-memory spool loses queued deliveries at exit");
+            Arc::new(spool::MemorySpool::new(settings.max_spool))
+        }
+    };
+
     let ingress_listener = bind("ingress", settings.listen).await?;
     let admin_listener = bind("admin", settings.admin_listen).await?;
     let (ingress_addr, admin_addr) = (local_addr(&ingress_listener), local_addr(&admin_listener));
 
-    let spool: Arc<dyn spool::Spool> = Arc::new(spool::MemorySpool::new(settings.max_spool));
     let delivery_stop = CancellationToken::new();
     let deliverer = delivery::Deliverer::new(spool.clone(), rules.clone(), delivery_stop.clone());
     deliverer.sync_targets();
@@ -77,11 +91,19 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     let reload_stop = CancellationToken::new();
     let reload_task = tokio::spawn(reloader.clone().run(reload_stop.clone()));
 
+    let retention_task = tokio::spawn(delivery::expire_dead_letters(
+        spool.clone(),
+        settings.dead_letter_retention,
+        reload_stop.clone(),
+    ));
+
     let admin_stop = CancellationToken::new();
     let admin = Arc::new(admin::Admin {
         rules: rules.clone(),
         reloader,
         deliverer: deliverer.clone(),
+        spool: spool.clone(),
+        engine: engine.clone(),
         metrics: prometheus,
     });
     let admin_task = tokio::spawn(server::serve(
@@ -134,6 +156,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     delivery_stop.cancel();
     admin_stop.cancel();
     let _ = reload_task.await;
+    let _ = retention_task.await;
     let _ = admin_task.await;
     tracing::info!("switchyard stopped");
     Ok(())

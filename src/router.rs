@@ -104,6 +104,19 @@ pub fn route<'r>(callback: &Callback, rules: &'r RuleSet, engine: &ScriptEngine)
     Routing { results }
 }
 
+/// Routes a callback through one route of the rule set (replaying a dead letter of that route).
+pub fn route_one<'r>(callback: &Callback, route: &'r Route, engine: &ScriptEngine) -> Routing<'r> {
+    let mut vars = None;
+    let (filter, verdict) = evaluate(callback, route, engine, &mut vars);
+    Routing {
+        results: vec![RouteResult {
+            route,
+            filter,
+            verdict,
+        }],
+    }
+}
+
 fn evaluate(
     callback: &Callback,
     route: &Route,

@@ -6,6 +6,15 @@ use std::time::Duration;
 
 use crate::rules::text::{parse_duration, parse_size};
 
+/// Where deliveries wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpoolKind {
+    /// Durable, on disk in --data-dir (redb); survives restarts and crashes
+    Redb,
+    /// In memory only: lost at exit; for tests and comparisons
+    Memory,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -55,9 +64,15 @@ pub struct Settings {
         default_value = "text"
     )]
     pub log_format: LogFormat,
-    /// Most bytes of deliveries held in the queue; beyond it callbacks are answered 503
-    #[arg(long, value_name = "SIZE", env = "SWITCHYARD_MAX_SPOOL", default_value = "256MiB", value_parser = parse_size)]
+    /// Where deliveries wait
+    #[arg(long, value_enum, env = "SWITCHYARD_SPOOL", default_value = "redb")]
+    pub spool: SpoolKind,
+    /// Most bytes of queued deliveries; beyond it callbacks are answered 503
+    #[arg(long, value_name = "SIZE", env = "SWITCHYARD_MAX_SPOOL", default_value = "1GiB", value_parser = parse_size)]
     pub max_spool: u64,
+    /// How long dead letters are kept before they are dropped
+    #[arg(long, value_name = "DURATION", env = "SWITCHYARD_DEAD_LETTER_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub dead_letter_retention: Duration,
     /// How long shutdown waits for requests and delivery attempts in progress
     #[arg(long, value_name = "DURATION", env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -439,7 +439,7 @@ routes:
     let failed: Vec<String> = gw
         .logs()
         .into_iter()
-        .filter(|l| l.contains(r#""message":"delivery failed""#))
+        .filter(|l| l.contains(r#""message":"delivery failed; kept as a dead letter""#))
         .collect();
     assert_eq!(failed.len(), 2, "{failed:#?}");
     for (target, status) in [("t400", "HTTP 400"), ("t404", "HTTP 404")] {

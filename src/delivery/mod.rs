@@ -7,11 +7,12 @@
 //! retry later / failed.
 
 pub mod client;
+pub mod replay;
 pub mod retry;
 pub mod signing;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,8 +25,12 @@ use tokio_util::task::TaskTracker;
 use crate::dialect::Callback;
 use crate::metrics as m;
 use crate::rules::{RuleSet, Target};
-use crate::spool::Spool;
-use retry::Disposition;
+use crate::spool::{DeadLetter, Spool};
+use retry::{Disposition, Outcome};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// One (callback, route, target): the unit that is queued, attempted and retried.
 #[derive(Clone, Debug)]
@@ -96,6 +101,28 @@ struct Worker {
     name: Arc<str>,
     wake: Notify,
     in_flight: AtomicUsize,
+    paused: AtomicBool,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    last_error: Mutex<Option<(u64, String)>>,
+}
+
+/// A target's delivery state, for `GET /admin/targets`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TargetState {
+    pub name: String,
+    /// False when queued deliveries name a target the current rules no longer have.
+    pub configured: bool,
+    pub paused: bool,
+    pub queued: u64,
+    pub in_flight: u64,
+    pub oldest_age_seconds: Option<f64>,
+    /// Since this process started.
+    pub delivered: u64,
+    pub failed: u64,
+    pub dead_letters: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
 }
 
 impl Deliverer {
@@ -104,14 +131,23 @@ impl Deliverer {
         rules: Arc<ArcSwap<RuleSet>>,
         stop: CancellationToken,
     ) -> Arc<Deliverer> {
-        Arc::new(Deliverer {
+        let deliverer = Arc::new(Deliverer {
             spool,
             rules,
             client: client::build_client(),
             workers: Mutex::new(HashMap::new()),
             stop,
             attempts: TaskTracker::new(),
-        })
+        });
+        let weak = Arc::downgrade(&deliverer);
+        deliverer.spool.on_settled(Arc::new(move |target: &str| {
+            if let Some(d) = weak.upgrade() {
+                if let Some(w) = d.existing_worker(target) {
+                    w.wake.notify_one();
+                }
+            }
+        }));
+        deliverer
     }
 
     /// Makes sure every target of the current rules, and every target with queued deliveries,
@@ -136,7 +172,7 @@ impl Deliverer {
     }
 
     fn worker(self: &Arc<Self>, name: &Arc<str>) -> Arc<Worker> {
-        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut workers = lock(&self.workers);
         if let Some(w) = workers.get(name) {
             return w.clone();
         }
@@ -144,6 +180,10 @@ impl Deliverer {
             name: name.clone(),
             wake: Notify::new(),
             in_flight: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            last_error: Mutex::new(None),
         });
         workers.insert(name.clone(), worker.clone());
         if !self.stop.is_cancelled() {
@@ -154,8 +194,7 @@ impl Deliverer {
 
     /// Names of targets with a scheduler.
     pub fn target_names(&self) -> Vec<Arc<str>> {
-        let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        workers.keys().cloned().collect()
+        lock(&self.workers).keys().cloned().collect()
     }
 
     /// Publishes queue gauges; called before each metrics scrape.
@@ -172,6 +211,75 @@ impl Deliverer {
                 .unwrap_or(0.0);
             metrics::gauge!(m::QUEUE_OLDEST, "target" => label).set(oldest);
         }
+        for (target, n) in self.spool.dead_counts() {
+            metrics::gauge!(m::DEAD_LETTERS, "target" => target).set(n as f64);
+        }
+    }
+
+    /// Every target's state: those of the rules, and those that still have deliveries queued.
+    pub fn target_states(&self) -> Vec<TargetState> {
+        let rules = self.rules.load();
+        let dead: HashMap<String, u64> = self.spool.dead_counts().into_iter().collect();
+        let now = now_ms();
+        let mut names: Vec<Arc<str>> = rules.targets.iter().map(|t| t.name.clone()).collect();
+        for name in self.target_names() {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let stats = self.spool.stats(&name);
+                let worker = self.existing_worker(&name);
+                let last = worker.as_ref().and_then(|w| lock(&w.last_error).clone());
+                TargetState {
+                    configured: rules.target(&name).is_some(),
+                    paused: worker
+                        .as_ref()
+                        .is_some_and(|w| w.paused.load(Ordering::Acquire)),
+                    queued: stats.queued,
+                    in_flight: stats.in_flight,
+                    oldest_age_seconds: stats
+                        .oldest_created_at
+                        .map(|t| now.saturating_sub(t) as f64 / 1000.0),
+                    delivered: worker
+                        .as_ref()
+                        .map_or(0, |w| w.delivered.load(Ordering::Relaxed)),
+                    failed: worker
+                        .as_ref()
+                        .map_or(0, |w| w.failed.load(Ordering::Relaxed)),
+                    dead_letters: dead.get(&*name).copied().unwrap_or(0),
+                    last_error_at: last.as_ref().map(|(at, _)| {
+                        crate::admin::rfc3339(UNIX_EPOCH + Duration::from_millis(*at))
+                    }),
+                    last_error: last.map(|(_, e)| e),
+                    name: name.to_string(),
+                }
+            })
+            .collect()
+    }
+
+    /// Pauses or resumes a target's deliveries (they stay queued meanwhile). `false` when the
+    /// target is unknown.
+    pub fn set_paused(self: &Arc<Self>, target: &str, paused: bool) -> bool {
+        if self.rules.load().target(target).is_none() && self.existing_worker(target).is_none() {
+            return false;
+        }
+        let worker = self.worker(&Arc::from(target));
+        worker.paused.store(paused, Ordering::Release);
+        worker.wake.notify_one();
+        tracing::info!(
+            target,
+            paused,
+            "target {}",
+            if paused { "paused" } else { "resumed" }
+        );
+        true
+    }
+
+    fn existing_worker(&self, name: &str) -> Option<Arc<Worker>> {
+        lock(&self.workers).get(name).cloned()
     }
 
     /// The scheduler of one target.
@@ -207,6 +315,9 @@ impl Deliverer {
     }
 
     fn start_due(self: &Arc<Self>, worker: &Arc<Worker>, target: &Arc<Target>) {
+        if worker.paused.load(Ordering::Acquire) {
+            return;
+        }
         let in_flight = worker.in_flight.load(Ordering::Acquire);
         let free = target.concurrency.saturating_sub(in_flight);
         if free == 0 {
@@ -218,21 +329,28 @@ impl Deliverer {
             let worker = worker.clone();
             let target = target.clone();
             self.attempts.spawn(async move {
-                this.attempt(&target, delivery).await;
+                this.attempt(&worker, &target, delivery).await;
                 worker.in_flight.fetch_sub(1, Ordering::AcqRel);
                 worker.wake.notify_one();
             });
         }
     }
 
-    /// The target is gone from the rules: its queued deliveries cannot be sent.
+    /// The target is gone from the rules: its queued deliveries become dead letters.
     fn fail_removed(&self, worker: &Worker) {
-        for delivery in self.spool.take_due(&worker.name, u64::MAX, usize::MAX) {
-            self.fail(&delivery, "target removed");
+        // In batches, so a large backlog is streamed, not loaded at once.
+        loop {
+            let batch = self.spool.take_due(&worker.name, u64::MAX, 512);
+            if batch.is_empty() {
+                return;
+            }
+            for delivery in batch {
+                self.fail(worker, &delivery, "target removed".into(), None);
+            }
         }
     }
 
-    async fn attempt(&self, target: &Target, mut delivery: Delivery) {
+    async fn attempt(&self, worker: &Worker, target: &Target, mut delivery: Delivery) {
         let started = Instant::now();
         let prepared = client::prepare(target, &delivery, now_ms() / 1000);
         let outcome = client::send(&self.client, target, prepared).await;
@@ -242,6 +360,7 @@ impl Deliverer {
         match retry::classify(&outcome, delivery.attempts, &target.retry) {
             Disposition::Delivered => {
                 count(&delivery, "delivered");
+                worker.delivered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     delivery_id = %delivery.id, route = %delivery.route, target = %delivery.target,
                     attempt = delivery.attempts, status = outcome.status(), "delivered"
@@ -256,24 +375,35 @@ impl Deliverer {
                     attempt = delivery.attempts, retry_in_ms = after.as_millis() as u64,
                     error = %error, "attempt failed, will retry"
                 );
+                *lock(&worker.last_error) = Some((now_ms(), error.clone()));
                 delivery.last_error = Some(error);
                 let due = now_ms() + after.as_millis() as u64;
                 self.spool.retry_at(delivery, due);
             }
             Disposition::Failed { reason } => {
-                self.fail(&delivery, &reason);
+                self.fail(worker, &delivery, reason, Some(&outcome));
             }
         }
     }
 
-    fn fail(&self, delivery: &Delivery, reason: &str) {
+    /// The delivery gives up: it becomes a dead letter with the reason and the last answer.
+    fn fail(&self, worker: &Worker, delivery: &Delivery, reason: String, last: Option<&Outcome>) {
         count(delivery, "failed");
+        worker.failed.fetch_add(1, Ordering::Relaxed);
+        *lock(&worker.last_error) = Some((now_ms(), reason.clone()));
         tracing::error!(
             delivery_id = %delivery.id, event_id = %delivery.event_id, route = %delivery.route,
             target = %delivery.target, attempts = delivery.attempts, reason = %reason,
-            "delivery failed"
+            "delivery failed; kept as a dead letter"
         );
-        self.spool.complete(delivery);
+        let (status, answer) = match last {
+            Some(Outcome::Answered {
+                status, body_head, ..
+            }) => (Some(*status), body_head.clone()),
+            _ => (None, Bytes::new()),
+        };
+        let letter = DeadLetter::of_delivery(delivery, reason, status, answer, now_ms());
+        self.spool.bury(delivery, letter);
     }
 
     /// Stops starting attempts and waits up to `grace` for those in flight.
@@ -289,27 +419,25 @@ impl Deliverer {
                 "shutdown grace period over with attempts still in flight"
             );
         }
+        if let Err(e) = self.spool.flush().await {
+            tracing::error!(error = %e, "could not store the last delivery states; those deliveries will be attempted again");
+        }
         let left: u64 = self
             .target_names()
             .iter()
-            .map(|t| {
-                let s = self.spool.stats(t);
-                s.queued + s.in_flight
-            })
+            .map(|t| self.spool.stats(t).queued)
             .sum();
         if left > 0 {
-            tracing::warn!(
-                queued = left,
-                "deliveries still queued in memory are dropped at exit"
-            );
+            tracing::info!(queued = left, "deliveries left queued for the next start");
         }
     }
 }
 
 fn has_free_slot(worker: &Worker, rules: &RuleSet) -> bool {
-    rules
-        .target(&worker.name)
-        .is_some_and(|t| worker.in_flight.load(Ordering::Acquire) < t.concurrency)
+    !worker.paused.load(Ordering::Acquire)
+        && rules
+            .target(&worker.name)
+            .is_some_and(|t| worker.in_flight.load(Ordering::Acquire) < t.concurrency)
 }
 
 fn count(delivery: &Delivery, outcome: &'static str) {
@@ -320,4 +448,25 @@ fn count(delivery: &Delivery, outcome: &'static str) {
         "outcome" => outcome
     )
     .increment(1);
+}
+
+/// Drops dead letters older than `retention`, at start and then every ten minutes.
+pub async fn expire_dead_letters(
+    spool: Arc<dyn Spool>,
+    retention: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let before = now_ms().saturating_sub(retention.as_millis() as u64);
+        match spool.purge_dead(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(dropped = n, "dead letters past their retention dropped"),
+            Err(e) => tracing::warn!(error = %e, "cannot drop expired dead letters"),
+        }
+    }
 }

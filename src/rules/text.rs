@@ -55,7 +55,7 @@ fn is_var_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Parses `500ms`, `5s`, `10m`, `1h` (also `1m30s`).
+/// Parses `500ms`, `5s`, `10m`, `1h`, `7d` (also `1m30s`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let err = || format!("`{text}` is not a duration (examples: 500ms, 5s, 10m, 1h)");
     let s = text.trim();
@@ -79,6 +79,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
             _ => return Err(err()),
         };
         total = total.saturating_add(part);
@@ -151,7 +152,11 @@ mod tests {
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        for bad in ["", "5", "s", "5 s", "-1s", "1d", "1.5s"] {
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        for bad in ["", "5", "s", "5 s", "-1s", "1w", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

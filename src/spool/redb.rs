@@ -1,0 +1,771 @@
+//! The durable spool: redb in `--data-dir`, written by one thread that commits in groups.
+//!
+//! Every change goes through the writer thread. It takes whatever has queued up while the last
+//! commit was on its way to the disk and writes all of it in one transaction with one fsync, so
+//! the cost of durability is shared by every callback that arrived meanwhile (group commit).
+//! An enqueue resolves only after its commit returned, so the ingress acknowledges nothing that
+//! is not on disk.
+//!
+//! Tables: `deliveries` (id → record), `queue` (target, due, id) — the schedule, scanned in due
+//! order per target, `age` (target, id) — ids are UUIDv7, so the first one is the oldest, and
+//! `dead` (id → dead letter). Deliveries handed to a scheduler are "in flight" only in memory:
+//! after a crash they are simply due again (at-least-once, same `webhook-id`).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use ::redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use tokio::sync::oneshot;
+
+use super::codec;
+use super::{Batch, BoxFuture, DeadLetter, DeadQuery, Spool, SpoolError, TargetStats, Waker};
+use crate::delivery::Delivery;
+
+const DELIVERIES: TableDefinition<u128, &[u8]> = TableDefinition::new("deliveries");
+const QUEUE: TableDefinition<(&str, u64, u128), ()> = TableDefinition::new("queue");
+const AGE: TableDefinition<(&str, u128), ()> = TableDefinition::new("age");
+const DEAD: TableDefinition<u128, &[u8]> = TableDefinition::new("dead");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const USED_BYTES: &str = "used_bytes";
+
+/// Bytes counted per delivery beside its body.
+const OVERHEAD: u64 = 256;
+/// Most operations written by one commit.
+const MAX_GROUP: usize = 8192;
+/// Page cache of the database; the rest stays on disk (a large backlog does not grow memory).
+const CACHE_BYTES: usize = 32 << 20;
+
+type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
+
+enum Op {
+    Enqueue(Batch, Reply<()>),
+    Complete(Key),
+    Retry { delivery: Delivery, old_due: u64 },
+    Bury(Key, DeadLetter),
+    Revive(u128, Vec<Delivery>, Reply<bool>),
+    Rebury(DeadLetter, Reply<()>),
+    DropDead(Vec<u128>, Reply<usize>),
+    Purge(u64, Reply<usize>),
+    Flush(Reply<()>),
+}
+
+/// Where a queued delivery is stored.
+#[derive(Clone)]
+struct Key {
+    target: Arc<str>,
+    due: u64,
+    id: u128,
+    cost: u64,
+}
+
+impl Key {
+    fn of(d: &Delivery) -> Key {
+        Key {
+            target: d.target.clone(),
+            due: d.due_at,
+            id: id_of(&d.id),
+            cost: cost(d),
+        }
+    }
+}
+
+fn cost(d: &Delivery) -> u64 {
+    d.body.len() as u64 + OVERHEAD
+}
+
+/// Delivery and dead-letter ids are UUIDs; anything else maps to 0 (never produced by us).
+fn id_of(text: &str) -> u128 {
+    uuid::Uuid::parse_str(text)
+        .map(|u| u.as_u128())
+        .unwrap_or(0)
+}
+
+fn storage(e: impl std::fmt::Display) -> SpoolError {
+    SpoolError::Storage(e.to_string())
+}
+
+/// State shared by the writer thread and the readers.
+struct Shared {
+    /// Ids handed to a scheduler and not yet settled, per target. Lock it *before* starting a
+    /// read transaction: the writer clears ids only after their commit, under this lock, so a
+    /// reader never sees a settled delivery as takeable.
+    in_flight: Mutex<HashMap<Arc<str>, HashSet<u128>>>,
+    /// Entries of `queue` per target (in flight included).
+    queued: Mutex<HashMap<Arc<str>, u64>>,
+    dead: Mutex<HashMap<String, u64>>,
+    used: AtomicU64,
+    limit: u64,
+    waker: Mutex<Option<Waker>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Durable spool on redb.
+pub struct RedbSpool {
+    db: Arc<Database>,
+    tx: Mutex<Option<mpsc::Sender<Op>>>,
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    pub path: PathBuf,
+}
+
+impl RedbSpool {
+    /// Opens (or creates) `dir/spool.redb`. Fails if another process has it open.
+    pub fn open(dir: &Path, limit_bytes: u64) -> Result<RedbSpool, SpoolError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| storage(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("spool.redb");
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| storage(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(storage)?;
+        let used = {
+            txn.open_table(DELIVERIES).map_err(storage)?;
+            txn.open_table(QUEUE).map_err(storage)?;
+            txn.open_table(AGE).map_err(storage)?;
+            txn.open_table(DEAD).map_err(storage)?;
+            let meta = txn.open_table(META).map_err(storage)?;
+            let used = meta.get(USED_BYTES).map_err(storage)?.map(|v| v.value());
+            used.unwrap_or(0)
+        };
+        txn.commit().map_err(storage)?;
+
+        let (queued, dead) = count_entries(&db)?;
+        let shared = Arc::new(Shared {
+            in_flight: Mutex::new(HashMap::new()),
+            queued: Mutex::new(queued),
+            dead: Mutex::new(dead),
+            used: AtomicU64::new(used),
+            limit: limit_bytes,
+            waker: Mutex::new(None),
+        });
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer = {
+            let db = db.clone();
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("spool-writer".into())
+                .spawn(move || write_loop(&db, &shared, &rx))
+                .map_err(storage)?
+        };
+        Ok(RedbSpool {
+            db,
+            tx: Mutex::new(Some(tx)),
+            shared,
+            writer: Mutex::new(Some(writer)),
+            path,
+        })
+    }
+
+    fn send(&self, op: Op) -> Result<(), SpoolError> {
+        match &*lock(&self.tx) {
+            Some(tx) => tx.send(op).map_err(|_| SpoolError::Closed),
+            None => Err(SpoolError::Closed),
+        }
+    }
+
+    /// Sends an operation that answers, and waits for its commit.
+    fn call<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Op,
+    ) -> BoxFuture<'_, Result<T, SpoolError>> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(make(reply));
+        Box::pin(async move {
+            sent?;
+            answer.await.unwrap_or(Err(SpoolError::Closed))
+        })
+    }
+
+    /// An operation that needs no answer; a failure to send means the writer is gone, and the
+    /// delivery stays as stored (it will be attempted again after a restart).
+    fn tell(&self, op: Op) {
+        if self.send(op).is_err() {
+            tracing::error!("the spool writer has stopped; a delivery's new state was not stored");
+        }
+    }
+
+    /// Stops the writer after it has written everything sent so far.
+    pub fn close(&self) {
+        lock(&self.tx).take();
+        if let Some(writer) = lock(&self.writer).take() {
+            let _ = writer.join();
+        }
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.shared.used.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RedbSpool {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Queued entries per target, and dead letters per target label.
+type Counts = (HashMap<Arc<str>, u64>, HashMap<String, u64>);
+
+fn count_entries(db: &Database) -> Result<Counts, SpoolError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let mut queued: HashMap<Arc<str>, u64> = HashMap::new();
+    let queue = txn.open_table(QUEUE).map_err(storage)?;
+    let mut last: Option<Arc<str>> = None;
+    for entry in queue.iter().map_err(storage)? {
+        let (key, _) = entry.map_err(storage)?;
+        let target = key.value().0;
+        let name = match &last {
+            Some(l) if &**l == target => l.clone(),
+            _ => {
+                let n: Arc<str> = target.into();
+                last = Some(n.clone());
+                n
+            }
+        };
+        *queued.entry(name).or_default() += 1;
+    }
+    let mut dead: HashMap<String, u64> = HashMap::new();
+    let table = txn.open_table(DEAD).map_err(storage)?;
+    for entry in table.iter().map_err(storage)? {
+        let (_, value) = entry.map_err(storage)?;
+        let target = codec::dead_target(value.value()).unwrap_or_default();
+        *dead.entry(target).or_default() += 1;
+    }
+    Ok((queued, dead))
+}
+
+/// The tables of one write transaction, opened once per group.
+struct Tables<'t> {
+    deliveries: ::redb::Table<'t, u128, &'static [u8]>,
+    queue: ::redb::Table<'t, (&'static str, u64, u128), ()>,
+    age: ::redb::Table<'t, (&'static str, u128), ()>,
+    dead: ::redb::Table<'t, u128, &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, SpoolError> {
+        Ok(Tables {
+            deliveries: txn.open_table(DELIVERIES).map_err(storage)?,
+            queue: txn.open_table(QUEUE).map_err(storage)?,
+            age: txn.open_table(AGE).map_err(storage)?,
+            dead: txn.open_table(DEAD).map_err(storage)?,
+        })
+    }
+}
+
+/// What a committed group changes in memory.
+#[derive(Default)]
+struct Effects {
+    queued: HashMap<Arc<str>, i64>,
+    dead: HashMap<String, i64>,
+    used: i64,
+    settled: Vec<(Arc<str>, u128)>,
+}
+
+enum Pending {
+    Unit(Reply<()>, Result<(), SpoolError>),
+    Bool(Reply<bool>, Result<bool, SpoolError>),
+    Count(Reply<usize>, Result<usize, SpoolError>),
+}
+
+impl Pending {
+    // A caller that stopped waiting (its request was dropped) is no error of ours.
+    fn fail(self, e: &SpoolError) {
+        match self {
+            Pending::Unit(r, _) => drop(r.send(Err(e.clone()))),
+            Pending::Bool(r, _) => drop(r.send(Err(e.clone()))),
+            Pending::Count(r, _) => drop(r.send(Err(e.clone()))),
+        }
+    }
+    fn answer(self) {
+        match self {
+            Pending::Unit(r, v) => drop(r.send(v)),
+            Pending::Bool(r, v) => drop(r.send(v)),
+            Pending::Count(r, v) => drop(r.send(v)),
+        }
+    }
+}
+
+fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while ops.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        write_group(db, shared, ops);
+    }
+}
+
+fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
+    let mut effects = Effects::default();
+    let mut pending = Vec::new();
+    let result = (|| -> Result<(), SpoolError> {
+        let mut txn = db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        {
+            let mut tables = Tables::open(&txn)?;
+            for op in ops {
+                apply(&mut tables, shared, op, &mut effects, &mut pending)?;
+            }
+        }
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let used = shared.used.load(Ordering::Acquire) as i64 + effects.used;
+            meta.insert(USED_BYTES, used.max(0) as u64)
+                .map_err(storage)?;
+        }
+        commit(txn)
+    })();
+    match result {
+        Ok(()) => {
+            {
+                let mut in_flight = lock(&shared.in_flight);
+                for (target, id) in &effects.settled {
+                    if let Some(set) = in_flight.get_mut(target) {
+                        set.remove(id);
+                    }
+                }
+            }
+            let mut queued = lock(&shared.queued);
+            for (target, delta) in effects.queued {
+                let n = queued.entry(target.clone()).or_default();
+                *n = (*n as i64 + delta).max(0) as u64;
+                if *n == 0 {
+                    queued.remove(&target);
+                }
+            }
+            drop(queued);
+            let mut dead = lock(&shared.dead);
+            for (target, delta) in effects.dead {
+                let n = dead.entry(target.clone()).or_default();
+                *n = (*n as i64 + delta).max(0) as u64;
+            }
+            drop(dead);
+            if effects.used >= 0 {
+                shared.used.fetch_add(effects.used as u64, Ordering::AcqRel);
+            } else {
+                shared
+                    .used
+                    .fetch_sub(effects.used.unsigned_abs(), Ordering::AcqRel);
+            }
+            for p in pending {
+                p.answer();
+            }
+            wake(shared, &effects.settled);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "spool write failed");
+            // Deliveries whose settlement was lost are still stored as before: release them so
+            // they are attempted again (at-least-once).
+            let mut in_flight = lock(&shared.in_flight);
+            for (target, id) in &effects.settled {
+                if let Some(set) = in_flight.get_mut(target) {
+                    set.remove(id);
+                }
+            }
+            drop(in_flight);
+            for p in pending {
+                p.fail(&e);
+            }
+            wake(shared, &effects.settled);
+        }
+    }
+}
+
+/// Tells the schedulers of settled deliveries that their targets may have work again.
+fn wake(shared: &Shared, settled: &[(Arc<str>, u128)]) {
+    let Some(waker) = lock(&shared.waker).clone() else {
+        return;
+    };
+    let mut seen: Vec<&Arc<str>> = Vec::new();
+    for (target, _) in settled {
+        if !seen.contains(&target) {
+            seen.push(target);
+            waker(target);
+        }
+    }
+}
+
+fn commit(txn: WriteTransaction) -> Result<(), SpoolError> {
+    txn.commit().map_err(storage)
+}
+
+fn insert_delivery(
+    t: &mut Tables<'_>,
+    d: &Delivery,
+    effects: &mut Effects,
+) -> Result<(), SpoolError> {
+    let id = id_of(&d.id);
+    t.deliveries
+        .insert(id, codec::encode_delivery(d).as_slice())
+        .map_err(storage)?;
+    t.queue
+        .insert((&*d.target, d.due_at, id), ())
+        .map_err(storage)?;
+    t.age.insert((&*d.target, id), ()).map_err(storage)?;
+    *effects.queued.entry(d.target.clone()).or_default() += 1;
+    effects.used += cost(d) as i64;
+    Ok(())
+}
+
+fn remove_delivery(t: &mut Tables<'_>, key: &Key, effects: &mut Effects) -> Result<(), SpoolError> {
+    let existed = t.deliveries.remove(key.id).map_err(storage)?.is_some();
+    t.queue
+        .remove((&*key.target, key.due, key.id))
+        .map_err(storage)?;
+    t.age.remove((&*key.target, key.id)).map_err(storage)?;
+    if existed {
+        *effects.queued.entry(key.target.clone()).or_default() -= 1;
+        effects.used -= key.cost as i64;
+    }
+    effects.settled.push((key.target.clone(), key.id));
+    Ok(())
+}
+
+fn insert_dead(
+    t: &mut Tables<'_>,
+    letter: &DeadLetter,
+    effects: &mut Effects,
+) -> Result<(), SpoolError> {
+    let previous = t
+        .dead
+        .insert(id_of(&letter.id), codec::encode_dead(letter).as_slice())
+        .map_err(storage)?
+        .map(|old| codec::dead_target(old.value()).unwrap_or_default());
+    if let Some(old) = previous {
+        *effects.dead.entry(old).or_default() -= 1;
+    }
+    *effects
+        .dead
+        .entry(letter.target_label().to_string())
+        .or_default() += 1;
+    Ok(())
+}
+
+fn remove_dead(t: &mut Tables<'_>, id: u128, effects: &mut Effects) -> Result<bool, SpoolError> {
+    let removed = t
+        .dead
+        .remove(id)
+        .map_err(storage)?
+        .map(|old| codec::dead_target(old.value()).unwrap_or_default());
+    match removed {
+        Some(target) => {
+            *effects.dead.entry(target).or_default() -= 1;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Whether `extra` more bytes fit, counting what this group already added.
+fn fits(shared: &Shared, effects: &Effects, extra: u64) -> Result<(), SpoolError> {
+    let used = (shared.used.load(Ordering::Acquire) as i64 + effects.used).max(0) as u64;
+    if used + extra > shared.limit {
+        return Err(SpoolError::Full {
+            used,
+            limit: shared.limit,
+        });
+    }
+    Ok(())
+}
+
+fn apply(
+    t: &mut Tables<'_>,
+    shared: &Shared,
+    op: Op,
+    effects: &mut Effects,
+    pending: &mut Vec<Pending>,
+) -> Result<(), SpoolError> {
+    match op {
+        Op::Enqueue(batch, reply) => {
+            let extra: u64 = batch.deliveries.iter().map(cost).sum();
+            if let Err(e) = fits(shared, effects, extra) {
+                pending.push(Pending::Unit(reply, Err(e)));
+                return Ok(());
+            }
+            for d in &batch.deliveries {
+                insert_delivery(t, d, effects)?;
+            }
+            for letter in &batch.dead {
+                insert_dead(t, letter, effects)?;
+            }
+            pending.push(Pending::Unit(reply, Ok(())));
+        }
+        Op::Complete(key) => remove_delivery(t, &key, effects)?,
+        Op::Retry { delivery, old_due } => {
+            let id = id_of(&delivery.id);
+            t.queue
+                .remove((&*delivery.target, old_due, id))
+                .map_err(storage)?;
+            t.queue
+                .insert((&*delivery.target, delivery.due_at, id), ())
+                .map_err(storage)?;
+            t.deliveries
+                .insert(id, codec::encode_delivery(&delivery).as_slice())
+                .map_err(storage)?;
+            effects.settled.push((delivery.target.clone(), id));
+        }
+        Op::Bury(key, letter) => {
+            remove_delivery(t, &key, effects)?;
+            insert_dead(t, &letter, effects)?;
+        }
+        Op::Revive(id, deliveries, reply) => {
+            let extra: u64 = deliveries.iter().map(cost).sum();
+            let exists = t.dead.get(id).map_err(storage)?.is_some();
+            if !exists {
+                pending.push(Pending::Bool(reply, Ok(false)));
+                return Ok(());
+            }
+            if let Err(e) = fits(shared, effects, extra) {
+                pending.push(Pending::Bool(reply, Err(e)));
+                return Ok(());
+            }
+            remove_dead(t, id, effects)?;
+            for d in &deliveries {
+                insert_delivery(t, d, effects)?;
+            }
+            pending.push(Pending::Bool(reply, Ok(true)));
+        }
+        Op::Rebury(letter, reply) => {
+            insert_dead(t, &letter, effects)?;
+            pending.push(Pending::Unit(reply, Ok(())));
+        }
+        Op::DropDead(ids, reply) => {
+            let mut n = 0;
+            for id in ids {
+                if remove_dead(t, id, effects)? {
+                    n += 1;
+                }
+            }
+            pending.push(Pending::Count(reply, Ok(n)));
+        }
+        Op::Purge(before, reply) => {
+            let expired: Vec<u128> = {
+                let mut ids = Vec::new();
+                for entry in t.dead.iter().map_err(storage)? {
+                    let (id, value) = entry.map_err(storage)?;
+                    match codec::decode_dead(value.value()) {
+                        Ok(letter) if letter.failed_at < before => ids.push(id.value()),
+                        Ok(_) => {}
+                        // A record that cannot be read cannot be replayed either.
+                        Err(_) => ids.push(id.value()),
+                    }
+                }
+                ids
+            };
+            let mut n = 0;
+            for id in expired {
+                if remove_dead(t, id, effects)? {
+                    n += 1;
+                }
+            }
+            pending.push(Pending::Count(reply, Ok(n)));
+        }
+        Op::Flush(reply) => pending.push(Pending::Unit(reply, Ok(()))),
+    }
+    Ok(())
+}
+
+impl Spool for RedbSpool {
+    fn enqueue(&self, batch: Batch) -> BoxFuture<'_, Result<(), SpoolError>> {
+        if batch.deliveries.is_empty() && batch.dead.is_empty() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        self.call(|reply| Op::Enqueue(batch, reply))
+    }
+
+    fn take_due(&self, target: &str, now_ms: u64, max: usize) -> Vec<Delivery> {
+        let mut in_flight = lock(&self.shared.in_flight);
+        let result = (|| -> Result<Vec<Delivery>, SpoolError> {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let queue = txn.open_table(QUEUE).map_err(storage)?;
+            let deliveries = txn.open_table(DELIVERIES).map_err(storage)?;
+            let taken = in_flight.entry(Arc::from(target)).or_default();
+            let mut out = Vec::new();
+            for entry in queue
+                .range((target, 0u64, 0u128)..=(target, now_ms, u128::MAX))
+                .map_err(storage)?
+            {
+                if out.len() >= max {
+                    break;
+                }
+                let (key, _) = entry.map_err(storage)?;
+                let (_, _, id) = key.value();
+                if taken.contains(&id) {
+                    continue;
+                }
+                let Some(record) = deliveries.get(id).map_err(storage)? else {
+                    continue;
+                };
+                match codec::decode_delivery(record.value()) {
+                    Ok(d) => {
+                        taken.insert(id);
+                        out.push(d);
+                    }
+                    Err(e) => {
+                        tracing::error!(target, id = %uuid::Uuid::from_u128(id), error = %e, "skipping a damaged delivery record")
+                    }
+                }
+            }
+            Ok(out)
+        })();
+        result.unwrap_or_else(|e| {
+            tracing::error!(target, error = %e, "cannot read the spool");
+            Vec::new()
+        })
+    }
+
+    fn next_due(&self, target: &str) -> Option<u64> {
+        let in_flight = lock(&self.shared.in_flight);
+        let taken = in_flight.get(target);
+        let txn = self.db.begin_read().ok()?;
+        let queue = txn.open_table(QUEUE).ok()?;
+        for entry in queue
+            .range((target, 0u64, 0u128)..=(target, u64::MAX, u128::MAX))
+            .ok()?
+        {
+            let (key, _) = entry.ok()?;
+            let (_, due, id) = key.value();
+            if taken.is_some_and(|t| t.contains(&id)) {
+                continue;
+            }
+            return Some(due);
+        }
+        None
+    }
+
+    fn complete(&self, delivery: &Delivery) {
+        self.tell(Op::Complete(Key::of(delivery)));
+    }
+
+    fn retry_at(&self, mut delivery: Delivery, due_ms: u64) {
+        let old_due = delivery.due_at;
+        delivery.due_at = due_ms;
+        self.tell(Op::Retry { delivery, old_due });
+    }
+
+    fn bury(&self, delivery: &Delivery, letter: DeadLetter) {
+        self.tell(Op::Bury(Key::of(delivery), letter));
+    }
+
+    fn targets(&self) -> Vec<String> {
+        lock(&self.shared.queued)
+            .keys()
+            .map(|k| k.to_string())
+            .collect()
+    }
+
+    fn stats(&self, target: &str) -> TargetStats {
+        let total = lock(&self.shared.queued).get(target).copied().unwrap_or(0);
+        let in_flight = lock(&self.shared.in_flight)
+            .get(target)
+            .map_or(0, |s| s.len() as u64);
+        let oldest = (|| {
+            let txn = self.db.begin_read().ok()?;
+            let age = txn.open_table(AGE).ok()?;
+            let mut range = age.range((target, 0u128)..=(target, u128::MAX)).ok()?;
+            let (key, _) = range.next()?.ok()?;
+            let id = uuid::Uuid::from_u128(key.value().1);
+            let (secs, nanos) = id.get_timestamp()?.to_unix();
+            Some(secs * 1000 + u64::from(nanos) / 1_000_000)
+        })();
+        TargetStats {
+            queued: total.saturating_sub(in_flight),
+            in_flight,
+            oldest_created_at: oldest,
+        }
+    }
+
+    fn list_dead(&self, query: &DeadQuery) -> Result<Vec<DeadLetter>, SpoolError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let dead = txn.open_table(DEAD).map_err(storage)?;
+        let start = query
+            .after
+            .as_deref()
+            .map(id_of)
+            .map_or(0, |id| id.saturating_add(1));
+        let mut out = Vec::new();
+        for entry in dead.range(start..).map_err(storage)? {
+            if out.len() >= query.limit {
+                break;
+            }
+            let (_, value) = entry.map_err(storage)?;
+            if let Ok(letter) = codec::decode_dead(value.value()) {
+                if query.matches(&letter) {
+                    out.push(letter);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn get_dead(&self, id: &str) -> Result<Option<DeadLetter>, SpoolError> {
+        let Ok(uuid) = uuid::Uuid::parse_str(id) else {
+            return Ok(None);
+        };
+        let txn = self.db.begin_read().map_err(storage)?;
+        let dead = txn.open_table(DEAD).map_err(storage)?;
+        let Some(value) = dead.get(uuid.as_u128()).map_err(storage)? else {
+            return Ok(None);
+        };
+        codec::decode_dead(value.value()).map(Some).map_err(storage)
+    }
+
+    fn revive(
+        &self,
+        id: &str,
+        deliveries: Vec<Delivery>,
+    ) -> BoxFuture<'_, Result<bool, SpoolError>> {
+        let Ok(uuid) = uuid::Uuid::parse_str(id) else {
+            return Box::pin(std::future::ready(Ok(false)));
+        };
+        self.call(|reply| Op::Revive(uuid.as_u128(), deliveries, reply))
+    }
+
+    fn rebury(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), SpoolError>> {
+        self.call(|reply| Op::Rebury(letter, reply))
+    }
+
+    fn drop_dead(&self, ids: Vec<String>) -> BoxFuture<'_, Result<usize, SpoolError>> {
+        let ids = ids
+            .iter()
+            .filter_map(|id| uuid::Uuid::parse_str(id).ok().map(|u| u.as_u128()))
+            .collect();
+        self.call(|reply| Op::DropDead(ids, reply))
+    }
+
+    fn purge_dead(&self, before_ms: u64) -> BoxFuture<'_, Result<usize, SpoolError>> {
+        self.call(|reply| Op::Purge(before_ms, reply))
+    }
+
+    fn dead_counts(&self) -> Vec<(String, u64)> {
+        let mut counts: Vec<(String, u64)> = lock(&self.shared.dead)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        counts.sort();
+        counts
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
+        self.call(Op::Flush)
+    }
+
+    fn on_settled(&self, waker: Waker) {
+        *lock(&self.shared.waker) = Some(waker);
+    }
+}
