@@ -769,3 +769,205 @@ impl Spool for RedbSpool {
         *lock(&self.shared.waker) = Some(waker);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::CallbackRecord;
+    use bytes::Bytes;
+
+    fn delivery(target: &str, due: u64) -> Delivery {
+        Delivery {
+            id: uuid::Uuid::now_v7().to_string().into(),
+            event_id: "ev".into(),
+            source: "s".into(),
+            command: "c".into(),
+            route: "r".into(),
+            target: target.into(),
+            content_type: None,
+            body: Bytes::from_static(br#"{"n":1}"#),
+            attempts: 0,
+            created_at: due,
+            due_at: due,
+            last_error: None,
+        }
+    }
+
+    async fn put(spool: &RedbSpool, deliveries: Vec<Delivery>) {
+        spool
+            .enqueue(Batch {
+                deliveries,
+                dead: Vec::new(),
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn what_is_stored_survives_reopening_and_in_flight_is_due_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let (a, b) = (delivery("t", 10), delivery("t", 20));
+        put(&spool, vec![a.clone(), b.clone()]).await;
+        assert_eq!(spool.next_due("t"), Some(10));
+        let taken = spool.take_due("t", 15, 10);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].id, a.id);
+        // In flight: not taken twice, and the next due is the other one.
+        assert!(spool.take_due("t", 15, 10).is_empty());
+        assert_eq!(spool.next_due("t"), Some(20));
+        assert_eq!(spool.stats("t").in_flight, 1);
+        assert_eq!(spool.stats("t").queued, 1);
+        // A crash with `a` in flight: both are there after reopening.
+        drop(spool);
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let ids: Vec<_> = spool
+            .take_due("t", 100, 10)
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids, vec![a.id.clone(), b.id.clone()]);
+    }
+
+    #[tokio::test]
+    async fn complete_retry_and_bury_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let (a, b, c) = (delivery("t", 1), delivery("t", 1), delivery("u", 1));
+        put(&spool, vec![a.clone(), b.clone(), c.clone()]).await;
+        let mut taken = spool.take_due("t", 1, 10);
+        assert_eq!(taken.len(), 2);
+        spool.complete(&taken[0]);
+        let mut again = taken.remove(1);
+        again.attempts = 3;
+        again.last_error = Some("HTTP 503".into());
+        spool.retry_at(again, 500);
+        let c_taken = spool.take_due("u", 1, 10).remove(0);
+        spool.bury(
+            &c_taken,
+            DeadLetter::of_delivery(
+                &c_taken,
+                "gave up".into(),
+                Some(500),
+                Bytes::from_static(b"oops"),
+                7,
+            ),
+        );
+        spool.flush().await.unwrap();
+        drop(spool);
+
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        assert!(spool.take_due("t", 499, 10).is_empty());
+        let retried = spool.take_due("t", 500, 10);
+        assert_eq!(retried.len(), 1);
+        assert_eq!(retried[0].id, b.id);
+        assert_eq!(retried[0].attempts, 3);
+        assert_eq!(retried[0].last_error.as_deref(), Some("HTTP 503"));
+        assert!(spool.targets().iter().all(|t| t != "u"));
+        let dead = spool.get_dead(&c.id).unwrap().unwrap();
+        assert_eq!(dead.reason, "gave up");
+        assert_eq!(dead.last_status, Some(500));
+        assert_eq!(dead.last_answer, Bytes::from_static(b"oops"));
+        assert_eq!(spool.dead_counts(), vec![("u".to_string(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_list_revive_drop_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let mut letters = Vec::new();
+        for (i, target) in ["a", "b", "a"].iter().enumerate() {
+            let d = delivery(target, 1);
+            let mut l =
+                DeadLetter::of_delivery(&d, format!("r{i}"), None, Bytes::new(), 100 * i as u64);
+            if i == 2 {
+                l.target = None;
+                l.callback = Some(CallbackRecord {
+                    app_id: String::new(),
+                    query: vec![],
+                    headers: vec![],
+                    received_at: 1,
+                });
+            }
+            letters.push(l);
+        }
+        spool
+            .enqueue(Batch {
+                deliveries: Vec::new(),
+                dead: letters.clone(),
+            })
+            .await
+            .unwrap();
+        let all = spool
+            .list_dead(&DeadQuery {
+                limit: 10,
+                ..DeadQuery::default()
+            })
+            .unwrap();
+        assert_eq!(all.len(), 3);
+        let page = spool
+            .list_dead(&DeadQuery {
+                limit: 1,
+                after: Some(all[0].id.to_string()),
+                ..DeadQuery::default()
+            })
+            .unwrap();
+        assert_eq!(page[0].id, all[1].id);
+        let only_a = spool
+            .list_dead(&DeadQuery {
+                target: Some("a".into()),
+                limit: 10,
+                ..DeadQuery::default()
+            })
+            .unwrap();
+        assert_eq!(only_a.len(), 1);
+        // Revive puts a delivery back and removes the letter, atomically.
+        let d = delivery("a", 5);
+        assert!(spool.revive(&letters[0].id, vec![d.clone()]).await.unwrap());
+        assert!(!spool.revive(&letters[0].id, vec![]).await.unwrap());
+        assert_eq!(spool.take_due("a", 5, 10)[0].id, d.id);
+        assert_eq!(
+            spool
+                .drop_dead(vec![letters[1].id.to_string(), "nope".into()])
+                .await
+                .unwrap(),
+            1
+        );
+        // failed_at of the last one is 200.
+        assert_eq!(spool.purge_dead(150).await.unwrap(), 0);
+        assert_eq!(spool.purge_dead(201).await.unwrap(), 1);
+        assert!(spool.dead_counts().iter().all(|(_, n)| *n == 0));
+    }
+
+    #[tokio::test]
+    async fn the_budget_is_enforced_and_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = cost(&delivery("t", 1));
+        let spool = RedbSpool::open(dir.path(), one * 2).unwrap();
+        put(&spool, vec![delivery("t", 1), delivery("t", 1)]).await;
+        let err = spool
+            .enqueue(Batch {
+                deliveries: vec![delivery("t", 1)],
+                dead: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SpoolError::Full { .. }), "{err}");
+        let taken = spool.take_due("t", 1, 1);
+        spool.complete(&taken[0]);
+        spool.flush().await.unwrap();
+        put(&spool, vec![delivery("t", 1)]).await;
+        drop(spool);
+        // The budget in use is stored too.
+        let spool = RedbSpool::open(dir.path(), one * 2).unwrap();
+        assert_eq!(spool.used_bytes(), one * 2);
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = RedbSpool::open(dir.path(), 1 << 20).unwrap();
+        let err = RedbSpool::open(dir.path(), 1 << 20).err().unwrap();
+        assert!(err.to_string().contains("spool.redb"), "{err}");
+    }
+}
