@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod delivery;
 pub mod dialect;
+pub mod dlq;
 pub mod explain;
 pub mod ingress;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use switchyard::{explain, rules, script, LogFormat, Settings};
+use switchyard::{dlq, explain, rules, script, LogFormat, Settings};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -49,6 +49,8 @@ enum Command {
         #[arg(default_value = "-")]
         file: String,
     },
+    /// Dead letters: list, show, replay, drop, through the running server's admin API
+    Dlq(dlq::DlqArgs),
 }
 
 /// `--rules DIR` of the commands that only read the rules.
@@ -70,6 +72,14 @@ fn main() -> ExitCode {
         None => serve(cli.serve),
         Some(Command::Serve(settings)) => serve(settings),
         Some(Command::Check(rules)) => check(&rules.dir),
+        Some(Command::Dlq(args)) => match dlq::run(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Explain {
             rules,
             source,

@@ -55,6 +55,10 @@ fn describe() {
     metrics::describe_histogram!(DELIVERY_DURATION, "Duration of one delivery attempt");
     metrics::describe_gauge!(QUEUE_DEPTH, "Deliveries queued or in flight");
     metrics::describe_gauge!(QUEUE_OLDEST, "Age of the oldest queued delivery");
+    metrics::describe_gauge!(
+        DEAD_LETTERS,
+        "Dead letters kept, by target (\"\" for callbacks a route's script failed on)"
+    );
     metrics::describe_gauge!(RULES_GENERATION, "Generation of the running rule set");
     metrics::describe_counter!(RULES_RELOADS, "Rule reloads, by outcome");
     metrics::describe_counter!(SCRIPT_ERRORS, "Filter and transform runtime errors");

@@ -450,13 +450,15 @@ fn count(delivery: &Delivery, outcome: &'static str) {
     .increment(1);
 }
 
-/// Drops dead letters older than `retention`, at start and then every ten minutes.
+/// Drops dead letters older than `retention`: at start, then every tenth of the retention (at
+/// least a second, at most ten minutes apart), so none outlives its retention by much.
 pub async fn expire_dead_letters(
     spool: Arc<dyn Spool>,
     retention: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => {}

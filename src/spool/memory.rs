@@ -24,6 +24,8 @@ struct State {
     queues: HashMap<Arc<str>, Queue>,
     /// Dead letters by id (UUIDv7 text sorts by time).
     dead: BTreeMap<String, DeadLetter>,
+    /// Every target label that ever had a dead letter, so a count that falls to zero says so.
+    dead_labels: std::collections::BTreeSet<String>,
 }
 
 /// In-memory spool with a byte budget.
@@ -106,6 +108,7 @@ impl Spool for MemorySpool {
             self.push(&mut state, d);
         }
         for letter in batch.dead {
+            state.dead_labels.insert(letter.target_label().to_string());
             state.dead.insert(letter.id.to_string(), letter);
         }
         ready(Ok(()))
@@ -158,6 +161,7 @@ impl Spool for MemorySpool {
     fn bury(&self, delivery: &Delivery, letter: DeadLetter) {
         let mut state = self.lock();
         self.release(&mut state, delivery);
+        state.dead_labels.insert(letter.target_label().to_string());
         state.dead.insert(letter.id.to_string(), letter);
     }
 
@@ -221,7 +225,9 @@ impl Spool for MemorySpool {
     }
 
     fn rebury(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), SpoolError>> {
-        self.lock().dead.insert(letter.id.to_string(), letter);
+        let mut state = self.lock();
+        state.dead_labels.insert(letter.target_label().to_string());
+        state.dead.insert(letter.id.to_string(), letter);
         ready(Ok(()))
     }
 
@@ -243,7 +249,8 @@ impl Spool for MemorySpool {
 
     fn dead_counts(&self) -> Vec<(String, u64)> {
         let state = self.lock();
-        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut counts: BTreeMap<String, u64> =
+            state.dead_labels.iter().map(|l| (l.clone(), 0)).collect();
         for d in state.dead.values() {
             *counts.entry(d.target_label().to_string()).or_default() += 1;
         }

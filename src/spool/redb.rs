@@ -51,7 +51,6 @@ enum Op {
     Revive(u128, Vec<Delivery>, Reply<bool>),
     Rebury(DeadLetter, Reply<()>),
     DropDead(Vec<u128>, Reply<usize>),
-    Purge(u64, Reply<usize>),
     Flush(Reply<()>),
 }
 
@@ -96,7 +95,12 @@ struct Shared {
     /// read transaction: the writer clears ids only after their commit, under this lock, so a
     /// reader never sees a settled delivery as takeable.
     in_flight: Mutex<HashMap<Arc<str>, HashSet<u128>>>,
-    /// Entries of `queue` per target (in flight included).
+    /// Ids of delivery records this build cannot decode (damaged, or from a newer version):
+    /// left on disk untouched and skipped until the next start. Without it the record stayed
+    /// "due", and the scheduler went round every millisecond failing to take it. Locked only
+    /// while `in_flight` is held.
+    unreadable: Mutex<HashSet<u128>>,
+    /// Entries of `queue` per target (in flight and unreadable included).
     queued: Mutex<HashMap<Arc<str>, u64>>,
     dead: Mutex<HashMap<String, u64>>,
     used: AtomicU64,
@@ -142,6 +146,7 @@ impl RedbSpool {
         let (queued, dead) = count_entries(&db)?;
         let shared = Arc::new(Shared {
             in_flight: Mutex::new(HashMap::new()),
+            unreadable: Mutex::new(HashSet::new()),
             queued: Mutex::new(queued),
             dead: Mutex::new(dead),
             used: AtomicU64::new(used),
@@ -386,6 +391,22 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
     }
 }
 
+/// Ids of dead letters that died before `before_ms` (and of records that cannot be read, which
+/// cannot be replayed either).
+fn expired_dead(db: &Database, before_ms: u64) -> Result<Vec<u128>, SpoolError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let dead = txn.open_table(DEAD).map_err(storage)?;
+    let mut ids = Vec::new();
+    for entry in dead.iter().map_err(storage)? {
+        let (id, value) = entry.map_err(storage)?;
+        match codec::decode_dead(value.value()) {
+            Ok(letter) if letter.failed_at >= before_ms => {}
+            _ => ids.push(id.value()),
+        }
+    }
+    Ok(ids)
+}
+
 /// Tells the schedulers of settled deliveries that their targets may have work again.
 fn wake(shared: &Shared, settled: &[(Arc<str>, u128)]) {
     let Some(waker) = lock(&shared.waker).clone() else {
@@ -553,28 +574,6 @@ fn apply(
             }
             pending.push(Pending::Count(reply, Ok(n)));
         }
-        Op::Purge(before, reply) => {
-            let expired: Vec<u128> = {
-                let mut ids = Vec::new();
-                for entry in t.dead.iter().map_err(storage)? {
-                    let (id, value) = entry.map_err(storage)?;
-                    match codec::decode_dead(value.value()) {
-                        Ok(letter) if letter.failed_at < before => ids.push(id.value()),
-                        Ok(_) => {}
-                        // A record that cannot be read cannot be replayed either.
-                        Err(_) => ids.push(id.value()),
-                    }
-                }
-                ids
-            };
-            let mut n = 0;
-            for id in expired {
-                if remove_dead(t, id, effects)? {
-                    n += 1;
-                }
-            }
-            pending.push(Pending::Count(reply, Ok(n)));
-        }
         Op::Flush(reply) => pending.push(Pending::Unit(reply, Ok(()))),
     }
     Ok(())
@@ -590,6 +589,7 @@ impl Spool for RedbSpool {
 
     fn take_due(&self, target: &str, now_ms: u64, max: usize) -> Vec<Delivery> {
         let mut in_flight = lock(&self.shared.in_flight);
+        let mut unreadable = lock(&self.shared.unreadable);
         let result = (|| -> Result<Vec<Delivery>, SpoolError> {
             let txn = self.db.begin_read().map_err(storage)?;
             let queue = txn.open_table(QUEUE).map_err(storage)?;
@@ -605,7 +605,7 @@ impl Spool for RedbSpool {
                 }
                 let (key, _) = entry.map_err(storage)?;
                 let (_, _, id) = key.value();
-                if taken.contains(&id) {
+                if taken.contains(&id) || unreadable.contains(&id) {
                     continue;
                 }
                 let Some(record) = deliveries.get(id).map_err(storage)? else {
@@ -617,7 +617,11 @@ impl Spool for RedbSpool {
                         out.push(d);
                     }
                     Err(e) => {
-                        tracing::error!(target, id = %uuid::Uuid::from_u128(id), error = %e, "skipping a damaged delivery record")
+                        unreadable.insert(id);
+                        tracing::error!(
+                            target, delivery_id = %uuid::Uuid::from_u128(id), error = %e,
+                            "skipping a damaged delivery record until the next start; it stays in the spool untouched"
+                        );
                     }
                 }
             }
@@ -631,6 +635,7 @@ impl Spool for RedbSpool {
 
     fn next_due(&self, target: &str) -> Option<u64> {
         let in_flight = lock(&self.shared.in_flight);
+        let unreadable = lock(&self.shared.unreadable);
         let taken = in_flight.get(target);
         let txn = self.db.begin_read().ok()?;
         let queue = txn.open_table(QUEUE).ok()?;
@@ -640,7 +645,7 @@ impl Spool for RedbSpool {
         {
             let (key, _) = entry.ok()?;
             let (_, due, id) = key.value();
-            if taken.is_some_and(|t| t.contains(&id)) {
+            if taken.is_some_and(|t| t.contains(&id)) || unreadable.contains(&id) {
                 continue;
             }
             return Some(due);
@@ -749,7 +754,18 @@ impl Spool for RedbSpool {
     }
 
     fn purge_dead(&self, before_ms: u64) -> BoxFuture<'_, Result<usize, SpoolError>> {
-        self.call(|reply| Op::Purge(before_ms, reply))
+        // The scan reads a snapshot outside the writer, so it never holds up the ingress's
+        // commits; only the removal of what it found goes through the writer.
+        let db = self.db.clone();
+        Box::pin(async move {
+            let expired = tokio::task::spawn_blocking(move || expired_dead(&db, before_ms))
+                .await
+                .map_err(storage)??;
+            if expired.is_empty() {
+                return Ok(0);
+            }
+            self.call(|reply| Op::DropDead(expired, reply)).await
+        })
     }
 
     fn dead_counts(&self) -> Vec<(String, u64)> {
@@ -827,6 +843,38 @@ mod tests {
             .map(|d| d.id)
             .collect();
         assert_eq!(ids, vec![a.id.clone(), b.id.clone()]);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_is_skipped_and_no_longer_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let (a, b) = (delivery("t", 10), delivery("t", 20));
+        put(&spool, vec![a.clone(), b.clone()]).await;
+        drop(spool);
+        {
+            // `a` as a newer version would have written it.
+            let db = Database::create(dir.path().join("spool.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut record = codec::encode_delivery(&a);
+            record[0] = 0xfe;
+            txn.open_table(DELIVERIES)
+                .unwrap()
+                .insert(id_of(&a.id), record.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let taken = spool.take_due("t", 100, 10);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].id, b.id);
+        spool.complete(&taken[0]);
+        spool.flush().await.unwrap();
+        // Nothing is due any more (a scheduler would otherwise go round at once, forever)…
+        assert_eq!(spool.next_due("t"), None);
+        assert!(spool.take_due("t", 100, 10).is_empty());
+        // …and the record is still stored, as it was.
+        assert_eq!(spool.stats("t").queued, 1);
     }
 
     #[tokio::test]

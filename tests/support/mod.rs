@@ -624,7 +624,14 @@ impl Sink {
     }
 
     /// A port with nothing listening: a sink is started, its port noted, and the sink stopped.
+    /// An address where connections are refused and a sink can be started later. Taken below
+    /// the ephemeral range where possible: an ephemeral port can be handed to some outgoing
+    /// connection meanwhile, and the sink could then not bind it again.
     pub async fn down() -> SocketAddr {
+        reserved_addr().await
+    }
+
+    async fn ephemeral_down() -> SocketAddr {
         let sink = Sink::start().await;
         let addr = sink.addr;
         sink.stop();
@@ -769,4 +776,79 @@ pub fn run_cli_env(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+// ---- helpers for the durability tests (appended) ----
+
+impl Gateway {
+    /// SIGTERM, then waits (up to `timeout`) for the exit; returns the exit status, the whole log
+    /// and the data directory, so the next gateway can start on the same spool.
+    pub fn stop_keeping_data(
+        mut self,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, Vec<String>, tempfile::TempDir) {
+        self.signal("TERM");
+        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
+        let (status, logs) = self.wait_exit(timeout);
+        (status, logs, data_dir)
+    }
+}
+
+// ---- helpers for the dead-letter tests (appended) ----
+
+impl Gateway {
+    /// SIGTERM, waits for a clean exit, and hands back the data directory, so the next gateway
+    /// can start on the same spool.
+    pub fn terminate(mut self) -> tempfile::TempDir {
+        self.signal("TERM");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("switchyard did not stop after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "switchyard exited with {status}");
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap())
+    }
+}
+
+/// A free address on 127.0.0.1 whose port is below the kernel's ephemeral range, for a target
+/// that goes down and comes back on the same port. A port from [`Sink::down`] is an ephemeral
+/// one: while nothing listens there, any outgoing connection of the machine may be given it as
+/// its source port — among them the gateway's own attempts to reach it, which then connect to
+/// themselves — and the sink cannot bind it again. Below the range, only a listener takes it.
+pub async fn reserved_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    const FIRST: u64 = 20_000;
+    let low: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    if low <= FIRST + 100 {
+        return Sink::ephemeral_down().await;
+    }
+    let span = low - FIRST;
+    // Spread over the span, so that tests running in parallel do not try the same ports.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        ^ (u64::from(std::process::id()) << 20)
+        ^ CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919);
+    for i in 0..500 {
+        let port = FIRST + (seed.wrapping_add(i * 104_729)) % span;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        if let Ok(probe) = TcpListener::bind(addr).await {
+            drop(probe);
+            return addr;
+        }
+    }
+    panic!("no free port between {FIRST} and {low}");
 }
