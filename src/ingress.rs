@@ -179,7 +179,9 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Rejection> {
             StatusCode::REQUEST_TIMEOUT,
             "the body did not arrive in time",
         )),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        // A copy: the collected bytes are usually a slice of the connection's read buffer, which
+        // a queued delivery would otherwise keep alive whole (kilobytes per callback).
+        Ok(Ok(collected)) => Ok(Bytes::copy_from_slice(&collected.to_bytes())),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
         Ok(Err(e)) => Err(Rejection::new(
             StatusCode::BAD_REQUEST,

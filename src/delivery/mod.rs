@@ -293,7 +293,13 @@ impl Deliverer {
                 Some(target) => self.start_due(&worker, target),
                 None => self.fail_removed(&worker),
             }
-            let next_due = self.spool.next_due(&worker.name);
+            // Paused or every slot busy: only a resume or an attempt's end can give us work, and
+            // both wake us, so the spool need not be asked when the next delivery is due.
+            let next_due = if has_free_slot(&worker, &rules) {
+                self.spool.next_due(&worker.name)
+            } else {
+                None
+            };
             // One reading of the clock: with two, the millisecond can tick between the check
             // and the subtraction, which underflowed (a panic that killed this target's
             // scheduler for good in debug builds, a near-endless sleep in release).
@@ -302,9 +308,8 @@ impl Deliverer {
                 Some(due) if due > now => Duration::from_millis(due - now),
                 // Fell due after `start_due` read the clock, and a slot is free: go round again
                 // (sleeping an hour here stranded it until some other delivery woke us).
-                Some(_) if has_free_slot(&worker, &rules) => Duration::from_millis(1),
-                // Due now but no free slot: an attempt's end wakes us.
-                Some(_) | None => Duration::from_secs(3600),
+                Some(_) => Duration::from_millis(1),
+                None => Duration::from_secs(3600),
             };
             tokio::select! {
                 _ = worker.wake.notified() => {}

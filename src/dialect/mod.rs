@@ -167,7 +167,11 @@ pub fn parse(
         app_id,
         query: req.query_pairs(),
         headers: req.header_pairs(),
-        content_type: req.headers.get(http::header::CONTENT_TYPE).cloned(),
+        // Copied for the same reason as the body: not to pin the connection's read buffer.
+        content_type: req
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok()),
         body,
     })
 }
