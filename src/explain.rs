@@ -66,11 +66,11 @@ pub fn explain(
             HeaderValue::from_static("application/json"),
         );
     }
-    let request = dialect::Request {
-        query: input.query.trim_start_matches('?'),
-        path_suffix: &input.path_suffix,
-        headers: &headers,
-    };
+    let request = dialect::Request::new(
+        input.query.trim_start_matches('?'),
+        &input.path_suffix,
+        &headers,
+    );
     let now = now_ms();
     let authorization = match dialect::authorize(source, &request, now / 1000) {
         Ok(()) => json!({"ok": true}),

@@ -86,12 +86,8 @@ impl Ingress {
             return refuse(too_large(source.max_body));
         }
         let (parts, body) = req.into_parts();
-        let query = parts.uri.query().unwrap_or("");
-        let request = dialect::Request {
-            query,
-            path_suffix: suffix,
-            headers: &parts.headers,
-        };
+        let request =
+            dialect::Request::new(parts.uri.query().unwrap_or(""), suffix, &parts.headers);
         let received_at = now_ms();
         if let Err(rejection) = dialect::authorize(source, &request, received_at / 1000) {
             return refuse(rejection);

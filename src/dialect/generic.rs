@@ -38,7 +38,9 @@ pub(super) fn command(
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_string(),
-                CommandLocation::Query(name) => req.query_param(name).unwrap_or_default(),
+                CommandLocation::Query(name) => {
+                    req.query_param(name).unwrap_or_default().to_string()
+                }
                 CommandLocation::None | CommandLocation::Body(_) => String::new(),
             })
         }

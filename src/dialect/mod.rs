@@ -66,24 +66,31 @@ pub struct Callback {
 
 /// The parts of a request a dialect reads before and after the body arrives.
 pub struct Request<'a> {
-    /// The raw query string, without `?`.
-    pub query: &'a str,
+    /// Every query parameter, in order, decoded once.
+    pub query: Vec<(String, String)>,
     /// For openim: the path segment after the source's path.
     pub path_suffix: &'a str,
     pub headers: &'a HeaderMap,
 }
 
-impl Request<'_> {
-    pub fn query_pairs(&self) -> Vec<(String, String)> {
-        form_urlencoded::parse(self.query.as_bytes())
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect()
+impl<'a> Request<'a> {
+    /// `raw_query` is the query string without `?`.
+    pub fn new(raw_query: &str, path_suffix: &'a str, headers: &'a HeaderMap) -> Request<'a> {
+        Request {
+            query: form_urlencoded::parse(raw_query.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+            path_suffix,
+            headers,
+        }
     }
 
-    pub fn query_param(&self, name: &str) -> Option<String> {
-        form_urlencoded::parse(self.query.as_bytes())
+    /// The first value of a query parameter.
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
+            .map(|(_, v)| v.as_str())
     }
 
     fn header_pairs(&self) -> Vec<(String, String)> {
@@ -165,7 +172,7 @@ pub fn parse(
         source: source.clone(),
         command,
         app_id,
-        query: req.query_pairs(),
+        query: req.query.clone(),
         headers: req.header_pairs(),
         // Copied for the same reason as the body: not to pin the connection's read buffer.
         content_type: req

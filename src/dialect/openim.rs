@@ -32,7 +32,7 @@ pub(super) fn command(req: &Request<'_>, body: &[u8]) -> Result<String, Rejectio
         return Ok(req.path_suffix.to_string());
     }
     if let Some(c) = req.query_param("command").filter(|c| !c.is_empty()) {
-        return Ok(c);
+        return Ok(c.to_string());
     }
     Ok(parsed.command.unwrap_or_default())
 }

@@ -20,7 +20,7 @@ pub(super) fn authorize(
             "SdkAppid is missing from the query",
         ));
     }
-    if !source.app_ids.contains(&app_id) {
+    if !source.app_ids.iter().any(|a| a == app_id) {
         return Err(Rejection::new(
             StatusCode::FORBIDDEN,
             format!("SdkAppid {app_id} is not accepted here"),
@@ -29,14 +29,8 @@ pub(super) fn authorize(
     if let Some(token) = &source.token {
         let sign = req.query_param("Sign").unwrap_or_default();
         let time = req.query_param("RequestTime").unwrap_or_default();
-        check_sign(
-            token,
-            &time,
-            &sign,
-            now_secs,
-            source.max_clock_skew.as_secs(),
-        )
-        .map_err(|reason| Rejection::new(StatusCode::UNAUTHORIZED, reason))?;
+        check_sign(token, time, sign, now_secs, source.max_clock_skew.as_secs())
+            .map_err(|reason| Rejection::new(StatusCode::UNAUTHORIZED, reason))?;
     }
     Ok(())
 }
@@ -102,9 +96,10 @@ pub(super) fn command(req: &Request<'_>, body: &[u8]) -> Result<(String, String)
     let command = req
         .query_param("CallbackCommand")
         .filter(|c| !c.is_empty())
+        .map(str::to_string)
         .or(parsed.command)
         .unwrap_or_default();
-    let app_id = req.query_param("SdkAppid").unwrap_or_default();
+    let app_id = req.query_param("SdkAppid").unwrap_or_default().to_string();
     Ok((command, app_id))
 }
 
