@@ -230,6 +230,29 @@ fn check_json(body: &[u8]) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Reads the fields a dialect needs from a body that must be a JSON object; `field` names the
+/// command field for the error message.
+fn parse_object<T: serde::de::DeserializeOwned>(body: &[u8], field: &str) -> Result<T, Rejection> {
+    let parsed = serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be a JSON object with a string {field}: {e}"),
+            )
+        } else {
+            Rejection::bad_json(&e)
+        }
+    })?;
+    // serde also reads a struct from an array.
+    if !is_object(body) {
+        return Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object, not an array",
+        ));
+    }
+    Ok(parsed)
+}
+
 /// Whether the body is a JSON object (serde would also take an array for a struct).
 fn is_object(body: &[u8]) -> bool {
     body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')

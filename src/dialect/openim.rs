@@ -12,22 +12,7 @@ struct Body {
 }
 
 pub(super) fn command(req: &Request<'_>, body: &[u8]) -> Result<String, Rejection> {
-    let parsed: Body = serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            Rejection::new(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be a JSON object with a string callbackCommand: {e}"),
-            )
-        } else {
-            Rejection::bad_json(&e)
-        }
-    })?;
-    if !super::is_object(body) {
-        return Err(Rejection::new(
-            StatusCode::BAD_REQUEST,
-            "the body must be a JSON object, not an array",
-        ));
-    }
+    let parsed: Body = super::parse_object(body, "callbackCommand")?;
     if !req.path_suffix.is_empty() {
         return Ok(req.path_suffix.to_string());
     }

@@ -77,22 +77,7 @@ struct Body {
 
 /// Command from the query, else from the body; also validates the body.
 pub(super) fn command(req: &Request<'_>, body: &[u8]) -> Result<(String, String), Rejection> {
-    let parsed: Body = serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            Rejection::new(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be a JSON object with a string CallbackCommand: {e}"),
-            )
-        } else {
-            Rejection::bad_json(&e)
-        }
-    })?;
-    if !super::is_object(body) {
-        return Err(Rejection::new(
-            StatusCode::BAD_REQUEST,
-            "the body must be a JSON object, not an array",
-        ));
-    }
+    let parsed: Body = super::parse_object(body, "CallbackCommand")?;
     let command = req
         .query_param("CallbackCommand")
         .filter(|c| !c.is_empty())
