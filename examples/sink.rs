@@ -1,13 +1,15 @@
 //! A tiny HTTP sink standing in for the internal services of the example rules.
 //!
 //! ```text
-//! cargo run --example sink                 # listens on 127.0.0.1:7001, 7002 and 7003
+//! cargo run --example sink                 # listens on 127.0.0.1:7001, 7002, 7003 and 7004
 //! cargo run --example sink -- 9001 9002    # other ports
 //! SINK_SIGNING_SECRET=whsec_... cargo run --example sink   # also verifies webhook-signature
 //! ```
 //!
 //! For every request it prints the port, method, path and query, the `webhook-*` and
-//! `x-switchyard-*` headers and the body, then answers 200. With `SINK_SIGNING_SECRET` it checks
+//! `x-switchyard-*` headers and the body, then answers 200. A request to `/moderate` gets a
+//! moderation verdict, as the example rules' synchronous route expects: `{"verdict":"block",
+//! "reason":...}` when the body mentions a red packet, `{"verdict":"pass"}` otherwise. With `SINK_SIGNING_SECRET` it checks
 //! the Standard Webhooks signature the way a receiver would: `v1,` + base64 of
 //! HMAC-SHA256(key, "{webhook-id}.{webhook-timestamp}.{body}"), the key being the base64 after
 //! `whsec_`.
@@ -36,7 +38,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()
         .map_err(|_| "usage: sink [PORT...]")?;
     if ports.is_empty() {
-        ports = vec![7001, 7002, 7003];
+        ports = vec![7001, 7002, 7003, 7004];
     }
     let key: Option<Arc<Vec<u8>>> = match std::env::var("SINK_SIGNING_SECRET") {
         Ok(secret) if !secret.is_empty() => {
@@ -119,9 +121,28 @@ async fn handle(
         out += &format!("   signature: {verdict}\n");
     }
     out += &format!("   {}", String::from_utf8_lossy(&body).trim_end());
+    let answer: &'static [u8] = if parts.uri.path() == "/moderate" {
+        if String::from_utf8_lossy(&body).contains("red packet") {
+            br#"{"verdict":"block","reason":"red packets are not allowed here"}"#
+        } else {
+            br#"{"verdict":"pass"}"#
+        }
+    } else {
+        b"ok"
+    };
+    if answer != b"ok" {
+        out += &format!("\n   answered: {}", String::from_utf8_lossy(answer));
+    }
     println!("{out}\n");
 
-    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    let mut response = Response::new(Full::new(Bytes::from_static(answer)));
+    if answer != b"ok" {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+    }
+    Ok(response)
 }
 
 /// True when one of the space-separated `v1,<base64>` signatures matches (in constant time).

@@ -94,7 +94,20 @@ fn report(
     authorization: Value,
 ) -> Value {
     let routing = router::route(callback, rules, engine);
-    let deliveries = routing.deliveries(callback);
+    let mut deliveries = routing.deliveries(callback);
+    let responder = routing.responder(callback);
+    let answered_by = responder.as_ref().map(|r| {
+        json!({
+            "route": &*r.route.name,
+            "target": r.route.to.first().map(|t| &**t),
+            "respond_timeout_ms": callback.source.respond_timeout.as_millis() as u64,
+            "on_respond_failure": callback.source.on_respond_failure.as_str(),
+            "fails_with": r.delivery.as_ref().err().map(|e| e.to_string()),
+        })
+    });
+    if let Some(delivery) = responder.and_then(|r| r.delivery.ok()) {
+        deliveries.push(delivery);
+    }
     let now_secs = now_ms() / 1000;
     let mut routes = Vec::new();
     for result in &routing.results {
@@ -154,6 +167,7 @@ fn report(
             "route": &*route.name,
             "defined_at": route.origin.to_string(),
             "matched": matched,
+            "respond": route.respond,
             "reason": reason,
             "filter": result.filter,
             "deliveries": mine,
@@ -168,6 +182,7 @@ fn report(
         "rules_generation": rules.generation,
         "routes": routes,
         "deliveries": deliveries.len(),
+        "answered_by": answered_by,
     })
 }
 

@@ -17,9 +17,10 @@ use hyper::Request;
 use crate::delivery::{now_ms, Deliverer};
 use crate::dialect::{self, DialectKind, Rejection};
 use crate::metrics as m;
+use crate::respond;
 use crate::router;
 use crate::rules::{RuleSet, Source};
-use crate::script::ScriptEngine;
+use crate::script::{RunError, ScriptEngine, Stage};
 use crate::server::{json, HttpResponse};
 use crate::spool::{Batch, DeadLetter, Spool};
 
@@ -46,7 +47,7 @@ impl Ingress {
         };
         let source = source.clone();
         let suffix = suffix.to_string();
-        let response = self.accept(&rules, &source, &suffix, req).await;
+        let response = self.accept(&rules, &source, &suffix, req, started).await;
         metrics::histogram!(m::ACK_DURATION, "source" => source.name.to_string())
             .record(started.elapsed().as_secs_f64());
         response
@@ -58,6 +59,7 @@ impl Ingress {
         source: &Arc<Source>,
         suffix: &str,
         req: Request<Incoming>,
+        started: Instant,
     ) -> HttpResponse {
         let kind = source.dialect;
         let refuse = |rejection: Rejection| {
@@ -102,15 +104,10 @@ impl Ingress {
             Err(rejection) => return refuse(rejection),
         };
 
-        let routing = router::route(&callback, rules, &self.engine);
+        let mut routing = router::route(&callback, rules, &self.engine);
         let mut dead = Vec::new();
         for (route, error) in routing.errors() {
-            metrics::counter!(
-                m::SCRIPT_ERRORS,
-                "route" => route.name.to_string(),
-                "stage" => error.stage.as_str()
-            )
-            .increment(1);
+            count_script_error(&route.name, error);
             tracing::warn!(
                 event_id = %callback.event_id, source = %source.name, command = %callback.command,
                 route = %route.name, stage = error.stage.as_str(),
@@ -125,19 +122,44 @@ impl Ingress {
             ));
         }
         let deliveries = routing.deliveries(&callback);
+        let responder = routing.responder(&callback);
         let command = m::command_label(&callback.command);
-        if deliveries.is_empty() && dead.is_empty() {
+        if responder.is_none() && deliveries.is_empty() && dead.is_empty() {
             count(&source.name, &command, "unrouted");
             tracing::debug!(event_id = %callback.event_id, source = %source.name, command = %callback.command, "no route matched");
             return json(StatusCode::OK, dialect::ack(kind, &callback.event_id));
         }
         let targets: Vec<Arc<str>> = deliveries.iter().map(|d| d.target.clone()).collect();
-        let outcome = if deliveries.is_empty() {
+        let outcome = if deliveries.is_empty() && responder.is_none() {
             "unrouted"
         } else {
             "routed"
         };
-        if let Err(e) = self.spool.enqueue(Batch { deliveries, dead }).await {
+        let batch = Batch { deliveries, dead };
+        let store = async {
+            if batch.deliveries.is_empty() && batch.dead.is_empty() {
+                Ok(())
+            } else {
+                self.spool.enqueue(batch).await
+            }
+        };
+        // The synchronous answer is asked for while the other routes' copies are stored.
+        let deadline = started + source.respond_timeout;
+        let ask = async {
+            let delivery = responder.as_ref()?.delivery.as_ref().ok()?;
+            let reply = match rules.target(&delivery.target) {
+                Some(target) => {
+                    respond::exchange(self.deliverer.client(), target, delivery, deadline).await
+                }
+                None => Err(respond::Failure::Unreachable(format!(
+                    "no target named {}",
+                    delivery.target
+                ))),
+            };
+            Some(reply)
+        };
+        let (stored, reply) = tokio::join!(store, ask);
+        if let Err(e) = stored {
             tracing::warn!(
                 event_id = %callback.event_id, source = %source.name, error = %e,
                 "cannot store the deliveries; answering 503"
@@ -157,7 +179,47 @@ impl Ingress {
             event_id = %callback.event_id, source = %source.name, command = %callback.command,
             deliveries = targets.len(), "callback accepted"
         );
-        json(StatusCode::OK, dialect::ack(kind, &callback.event_id))
+        let Some(responder) = responder else {
+            return json(StatusCode::OK, dialect::ack(kind, &callback.event_id));
+        };
+        let route = responder.route;
+        let reply = match (responder.delivery, reply) {
+            (Ok(_), Some(reply)) => reply,
+            (Err(e), _) => Err(respond::Failure::Script(e)),
+            (Ok(_), None) => unreachable!("a firing responder is always asked"),
+        };
+        let vars = route
+            .response_transform
+            .is_some()
+            .then(|| routing.vars(&callback));
+        let answer = respond::relay(&callback, route, &self.engine, vars, reply);
+        let target = route.to.first().map(|t| t.to_string()).unwrap_or_default();
+        metrics::counter!(
+            m::DELIVERIES,
+            "route" => route.name.to_string(),
+            "target" => target.clone(),
+            "outcome" => answer.outcome
+        )
+        .increment(1);
+        if let Some(failure) = &answer.failure {
+            // Filter and transform errors were counted with the other routes' above.
+            if let respond::Failure::Script(
+                error @ RunError {
+                    stage: Stage::Response,
+                    ..
+                },
+            ) = failure
+            {
+                count_script_error(&route.name, error);
+            }
+            tracing::warn!(
+                event_id = %callback.event_id, source = %source.name, command = %callback.command,
+                route = %route.name, target = %target, outcome = answer.outcome,
+                answered = source.on_respond_failure.as_str(), cause = %failure,
+                "synchronous answer fell back to on_respond_failure"
+            );
+        }
+        json(StatusCode::OK, answer.body)
     }
 }
 
@@ -188,6 +250,15 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Rejection> {
 
 fn reject(kind: DialectKind, rejection: &Rejection) -> HttpResponse {
     json(rejection.status, dialect::reject(kind, rejection))
+}
+
+fn count_script_error(route: &str, error: &RunError) {
+    metrics::counter!(
+        m::SCRIPT_ERRORS,
+        "route" => route.to_string(),
+        "stage" => error.stage.as_str()
+    )
+    .increment(1);
 }
 
 fn count(source: &str, command: &str, outcome: &'static str) {

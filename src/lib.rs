@@ -13,6 +13,7 @@ pub mod explain;
 pub mod ingress;
 pub mod metrics;
 pub mod reload;
+pub mod respond;
 pub mod router;
 pub mod rules;
 pub mod script;

@@ -1,6 +1,6 @@
 //! Callback × RuleSet → deliveries. Pure: no network, no disk, no clock but the callback's own.
 //!
-//! `serve`, `explain` and (later) `test` all call [`route`], so what a dry run shows is what the
+//! `serve`, `explain` and `test` all call [`route`], so what a dry run shows is what the
 //! server does. Every route is evaluated (fan-out across routes); the verdict of each is kept so
 //! `explain` can say why a route did not fire.
 
@@ -47,35 +47,58 @@ pub struct RouteResult<'r> {
     pub verdict: Verdict,
 }
 
+/// The synchronous route answering a callback, and what it sends its target.
+#[derive(Debug)]
+pub struct Responder<'r> {
+    pub route: &'r Route,
+    /// `Err`: the route's filter or transform failed, so the fallback answers.
+    pub delivery: Result<Delivery, RunError>,
+}
+
 /// Every route's verdict for one callback, in evaluation order.
 #[derive(Debug)]
 pub struct Routing<'r> {
     pub results: Vec<RouteResult<'r>>,
+    /// The synchronous route that answers this callback: the first `respond: true` route that
+    /// fired or whose script failed. Its delivery is sent at once, not queued.
+    pub responder: Option<usize>,
+    /// The scripts' scope, when a scripted route needed it (a `response_transform` reuses it).
+    vars: Option<Result<Vars, RunError>>,
 }
 
-impl Routing<'_> {
-    /// The deliveries of every firing route: one per (route, target).
+impl<'r> Routing<'r> {
+    /// The deliveries to queue: one per (route, target) of every firing route but the responder.
     pub fn deliveries(&self, callback: &Callback) -> Vec<Delivery> {
         let mut out = Vec::new();
-        for result in &self.results {
-            let Verdict::Deliver(payload) = &result.verdict else {
-                continue;
-            };
-            let (body, content_type) = match payload {
-                Payload::Original => (callback.body.clone(), callback.content_type.clone()),
-                Payload::Transformed(bytes) => (bytes.clone(), None),
-            };
-            for target in &result.route.to {
-                out.push(Delivery::new(
-                    callback,
-                    result.route.name.clone(),
-                    target.clone(),
-                    body.clone(),
-                    content_type.clone(),
-                ));
+        for (i, result) in self.results.iter().enumerate() {
+            if Some(i) != self.responder {
+                out.extend(deliveries_of(result, callback));
             }
         }
         out
+    }
+
+    /// The synchronous route that answers this callback, if one fired or failed.
+    pub fn responder(&self, callback: &Callback) -> Option<Responder<'r>> {
+        let result = &self.results[self.responder?];
+        let delivery = match &result.verdict {
+            Verdict::Failed(e) => Err(e.clone()),
+            _ => Ok(deliveries_of(result, callback)
+                .next()
+                .expect("a firing respond route has one target")),
+        };
+        Some(Responder {
+            route: result.route,
+            delivery,
+        })
+    }
+
+    /// The scope scripts see for this callback, built at most once.
+    pub fn vars(&mut self, callback: &Callback) -> Result<&Vars, RunError> {
+        match self.vars.get_or_insert_with(|| scope_vars(callback)) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(e.clone()),
+        }
     }
 
     pub fn errors(&self) -> impl Iterator<Item = (&Route, &RunError)> {
@@ -86,10 +109,38 @@ impl Routing<'_> {
     }
 }
 
+fn deliveries_of<'a>(
+    result: &'a RouteResult<'_>,
+    callback: &'a Callback,
+) -> impl Iterator<Item = Delivery> + 'a {
+    let payload = match &result.verdict {
+        Verdict::Deliver(payload) => Some(payload),
+        _ => None,
+    };
+    let (body, content_type) = match payload {
+        Some(Payload::Transformed(bytes)) => (bytes.clone(), None),
+        _ => (callback.body.clone(), callback.content_type.clone()),
+    };
+    let targets = if payload.is_some() {
+        &result.route.to[..]
+    } else {
+        &[]
+    };
+    targets.iter().map(move |target| {
+        Delivery::new(
+            callback,
+            result.route.name.clone(),
+            target.clone(),
+            body.clone(),
+            content_type.clone(),
+        )
+    })
+}
+
 /// Routes a callback through the rule set.
 pub fn route<'r>(callback: &Callback, rules: &'r RuleSet, engine: &ScriptEngine) -> Routing<'r> {
     let mut vars: Option<Result<Vars, RunError>> = None;
-    let results = rules
+    let results: Vec<RouteResult<'r>> = rules
         .routes
         .iter()
         .map(|route| {
@@ -101,19 +152,30 @@ pub fn route<'r>(callback: &Callback, rules: &'r RuleSet, engine: &ScriptEngine)
             }
         })
         .collect();
-    Routing { results }
+    let responder = results.iter().position(|r| {
+        r.route.respond && matches!(r.verdict, Verdict::Deliver(_) | Verdict::Failed(_))
+    });
+    Routing {
+        results,
+        responder,
+        vars,
+    }
 }
 
 /// Routes a callback through one route of the rule set (replaying a dead letter of that route).
 pub fn route_one<'r>(callback: &Callback, route: &'r Route, engine: &ScriptEngine) -> Routing<'r> {
     let mut vars = None;
     let (filter, verdict) = evaluate(callback, route, engine, &mut vars);
+    // A replay queues the delivery like any other, synchronous route or not: the IM server's
+    // wait is long over.
     Routing {
         results: vec![RouteResult {
             route,
             filter,
             verdict,
         }],
+        responder: None,
+        vars,
     }
 }
 

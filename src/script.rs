@@ -44,6 +44,8 @@ impl Default for Limits {
 pub enum Stage {
     Filter,
     Transform,
+    /// A synchronous route's `response_transform`: the target's answer → the IM server's.
+    Response,
 }
 
 impl Stage {
@@ -51,6 +53,15 @@ impl Stage {
         match self {
             Stage::Filter => "filter",
             Stage::Transform => "transform",
+            Stage::Response => "response_transform",
+        }
+    }
+
+    /// The names a script of this stage may read beyond [`SCOPE_NAMES`].
+    fn extra_names(self) -> &'static [&'static str] {
+        match self {
+            Stage::Filter | Stage::Transform => &[],
+            Stage::Response => &RESPONSE_NAMES,
         }
     }
 }
@@ -153,7 +164,12 @@ pub const SCOPE_NAMES: [&str; 9] = [
     "received_at",
 ];
 
+/// What a `response_transform` reads besides the callback's names: the target's JSON answer
+/// and its HTTP status.
+pub const RESPONSE_NAMES: [&str; 2] = ["response", "status"];
+
 /// The values of the scope for one callback.
+#[derive(Debug)]
 pub struct Vars {
     pub body: Dynamic,
     pub command: ImmutableString,
@@ -226,12 +242,18 @@ impl ScriptEngine {
         ScriptEngine { engine }
     }
 
-    /// Compiles a script. Imports with literal paths are resolved now and embedded, so a
-    /// module edited later takes effect only with the next rule load, like everything else.
-    pub fn compile(&self, text: &str, origin: ScriptOrigin) -> Result<Script, CompileError> {
+    /// Compiles a script for `stage` (which decides the names it may read). Imports with
+    /// literal paths are resolved now and embedded, so a module edited later takes effect only
+    /// with the next rule load, like everything else.
+    pub fn compile(
+        &self,
+        text: &str,
+        origin: ScriptOrigin,
+        stage: Stage,
+    ) -> Result<Script, CompileError> {
         let mut scope = Scope::new();
-        for name in SCOPE_NAMES {
-            scope.push_dynamic(name, Dynamic::UNIT);
+        for name in SCOPE_NAMES.iter().chain(stage.extra_names()) {
+            scope.push_dynamic(*name, Dynamic::UNIT);
         }
         match self.engine.compile_into_self_contained(&scope, text) {
             Ok(ast) => Ok(Script {
@@ -252,7 +274,7 @@ impl ScriptEngine {
 
     /// Runs a filter; anything but a bool is an error.
     pub fn filter(&self, route: &Arc<str>, script: &Script, vars: &Vars) -> Result<bool, RunError> {
-        let value = self.run(route, script, vars, Stage::Filter)?;
+        let value = self.run(route, script, vars.scope(), Stage::Filter)?;
         value.as_bool().map_err(|ty| RunError {
             stage: Stage::Filter,
             message: format!("a filter must evaluate to a bool, not {ty}"),
@@ -267,7 +289,7 @@ impl ScriptEngine {
         script: &Script,
         vars: &Vars,
     ) -> Result<TransformOutput, RunError> {
-        let value = self.run(route, script, vars, Stage::Transform)?;
+        let value = self.run(route, script, vars.scope(), Stage::Transform)?;
         if value.is_unit() {
             return Ok(TransformOutput::Skip);
         }
@@ -290,14 +312,45 @@ impl ScriptEngine {
             })
     }
 
-    fn run(
+    /// Runs a `response_transform` on a synchronous target's answer; its value, a map, is the
+    /// answer the IM server gets.
+    pub fn response_transform(
         &self,
         route: &Arc<str>,
         script: &Script,
         vars: &Vars,
+        response: Dynamic,
+        status: u16,
+    ) -> Result<Vec<u8>, RunError> {
+        let mut scope = vars.scope();
+        scope
+            .push_constant("response", response)
+            .push_constant("status", i64::from(status));
+        let value = self.run(route, script, scope, Stage::Response)?;
+        if !value.is_map() {
+            return Err(RunError {
+                stage: Stage::Response,
+                message: format!(
+                    "a response_transform must return a map (the answer's JSON object), not {}",
+                    value.type_name()
+                ),
+                location: Some(script.origin.start()),
+            });
+        }
+        serde_json::to_vec(&value).map_err(|e| RunError {
+            stage: Stage::Response,
+            message: format!("the result cannot be written as JSON: {e}"),
+            location: Some(script.origin.start()),
+        })
+    }
+
+    fn run(
+        &self,
+        route: &Arc<str>,
+        script: &Script,
+        mut scope: Scope<'static>,
         stage: Stage,
     ) -> Result<Dynamic, RunError> {
-        let mut scope = vars.scope();
         CURRENT_ROUTE.with(|r| *r.borrow_mut() = Some(route.clone()));
         let result = self
             .engine
@@ -466,9 +519,7 @@ mod tests {
         let e = engine();
         let s = e
             .compile(
-                r#"body.ProfileItem.some(|i| i.Tag == "Tag_Profile_IM_Nick") && app_id == "1400000000""#,
-                origin(),
-            )
+                r#"body.ProfileItem.some(|i| i.Tag == "Tag_Profile_IM_Nick") && app_id == "1400000000""#, origin(), Stage::Filter)
             .unwrap();
         let route: Arc<str> = "r".into();
         let v = vars(r#"{"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"n"}]}"#);
@@ -485,6 +536,7 @@ mod tests {
             .compile(
                 r#"#{ user: body.From_Account, cmd: command, n: 1 }"#,
                 origin(),
+                Stage::Filter,
             )
             .unwrap();
         let TransformOutput::Body(out) = e
@@ -499,7 +551,11 @@ mod tests {
             serde_json::json!({"user":"id1","cmd":"Profile.CallbackPortraitSet","n":1})
         );
         let s = e
-            .compile("if body.x == 1 { () } else { body }", origin())
+            .compile(
+                "if body.x == 1 { () } else { body }",
+                origin(),
+                Stage::Filter,
+            )
             .unwrap();
         assert!(matches!(
             e.transform(&route, &s, &vars(r#"{"x":1}"#)).unwrap(),
@@ -510,9 +566,11 @@ mod tests {
     #[test]
     fn compile_errors_are_located_in_the_rule_file() {
         let e = engine();
-        let err = e.compile("body.x ==", origin()).unwrap_err();
+        let err = e.compile("body.x ==", origin(), Stage::Filter).unwrap_err();
         assert_eq!(err.line, 10);
-        let err = e.compile("true\n && nosuchvar", origin()).unwrap_err();
+        let err = e
+            .compile("true\n && nosuchvar", origin(), Stage::Filter)
+            .unwrap_err();
         assert_eq!(err.line, 11, "{err:?}");
         assert!(err.message.contains("nosuchvar"), "{err:?}");
     }
@@ -521,23 +579,33 @@ mod tests {
     fn limits_stop_runaway_scripts() {
         let e = engine();
         let route: Arc<str> = "r".into();
-        let s = e.compile("loop { }", origin()).unwrap();
+        let s = e.compile("loop { }", origin(), Stage::Filter).unwrap();
         let err = e.filter(&route, &s, &vars("{}")).unwrap_err();
         assert!(err.message.contains("operations"), "{err:?}");
         let s = e
-            .compile("let s = \"x\"; loop { s += s; } true", origin())
+            .compile(
+                "let s = \"x\"; loop { s += s; } true",
+                origin(),
+                Stage::Filter,
+            )
             .unwrap();
         assert!(e.filter(&route, &s, &vars("{}")).is_err());
-        let s = e.compile("fn f(x) { f(x) } f(1)", origin()).unwrap();
+        let s = e
+            .compile("fn f(x) { f(x) } f(1)", origin(), Stage::Filter)
+            .unwrap();
         assert!(e.filter(&route, &s, &vars("{}")).is_err());
     }
 
     #[test]
     fn eval_and_escaping_imports_are_refused() {
         let e = engine();
-        assert!(e.compile(r#"eval("1")"#, origin()).is_err());
+        assert!(e.compile(r#"eval("1")"#, origin(), Stage::Filter).is_err());
         let err = e
-            .compile(r#"import "../etc/passwd" as p; true"#, origin())
+            .compile(
+                r#"import "../etc/passwd" as p; true"#,
+                origin(),
+                Stage::Filter,
+            )
             .unwrap_err();
         assert!(err.message.contains("rules directory"), "{err:?}");
     }
@@ -555,6 +623,7 @@ mod tests {
                    && hmac_sha256_hex("key", "The quick brown fox jumps over the lazy dog") == "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
                    && now_ms() > 0"#,
                 origin(),
+                Stage::Filter,
             )
             .unwrap();
         assert!(e.filter(&route, &s, &vars("{}")).unwrap());
@@ -565,13 +634,42 @@ mod tests {
         let e = engine();
         let route: Arc<str> = "r".into();
         let s = e
-            .compile("let x = 1;\nx + body.missing.deeper", origin())
+            .compile(
+                "let x = 1;\nx + body.missing.deeper",
+                origin(),
+                Stage::Filter,
+            )
             .unwrap();
         let err = e.filter(&route, &s, &vars("{}")).unwrap_err();
         assert_eq!(err.stage, Stage::Filter);
         assert_eq!(err.location.as_deref(), Some("rules/x.yaml:11"), "{err:?}");
-        let s = e.compile("42", origin()).unwrap();
+        let s = e.compile("42", origin(), Stage::Filter).unwrap();
         assert!(e.filter(&route, &s, &vars("{}")).is_err());
         assert!(e.transform(&route, &s, &vars("{}")).is_err());
+    }
+
+    #[test]
+    fn response_transform_reads_the_answer_and_returns_a_map() {
+        let e = engine();
+        let route: Arc<str> = "r".into();
+        let text = r#"#{ ErrorCode: if response.verdict == "block" { 1 } else { 0 }, Status: status, Cmd: command }"#;
+        // `response` and `status` exist only for this stage.
+        assert!(e.compile(text, origin(), Stage::Transform).is_err());
+        let s = e.compile(text, origin(), Stage::Response).unwrap();
+        let answer = json_to_dynamic(br#"{"verdict":"block"}"#).unwrap();
+        let out = e
+            .response_transform(&route, &s, &vars("{}"), answer, 200)
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"ErrorCode":1,"Status":200,"Cmd":"Profile.CallbackPortraitSet"})
+        );
+        let s = e.compile("[1, 2]", origin(), Stage::Response).unwrap();
+        let err = e
+            .response_transform(&route, &s, &vars("{}"), Dynamic::UNIT, 200)
+            .unwrap_err();
+        assert_eq!(err.stage, Stage::Response);
+        assert!(err.message.contains("must return a map"), "{err:?}");
     }
 }

@@ -95,6 +95,25 @@ pub fn prepare(target: &Target, delivery: &Delivery, now_secs: u64) -> Prepared 
 
 /// Sends one attempt and reports what came of it.
 pub async fn send(client: &reqwest::Client, target: &Target, prepared: Prepared) -> Outcome {
+    send_keeping(
+        client,
+        prepared,
+        target.timeout,
+        ANSWER_HEAD,
+        ANSWER_READ_LIMIT,
+    )
+    .await
+}
+
+/// Sends a request within `timeout` (connecting included) and keeps the first `keep` bytes of
+/// the answer, reading at most `read_limit` of it.
+pub async fn send_keeping(
+    client: &reqwest::Client,
+    prepared: Prepared,
+    timeout: Duration,
+    keep: usize,
+    read_limit: usize,
+) -> Outcome {
     let url = match reqwest::Url::parse(&prepared.url) {
         Ok(u) => u,
         Err(e) => return Outcome::Invalid(format!("url {}: {e}", prepared.url)),
@@ -102,7 +121,7 @@ pub async fn send(client: &reqwest::Client, target: &Target, prepared: Prepared)
     let request = client
         .request(prepared.method, url)
         .headers(prepared.headers)
-        .timeout(target.timeout)
+        .timeout(timeout)
         .body(prepared.body);
     let response = match request.send().await {
         Ok(r) => r,
@@ -114,7 +133,7 @@ pub async fn send(client: &reqwest::Client, target: &Target, prepared: Prepared)
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let body_head = match read_head(response).await {
+    let body_head = match read_head(response, keep, read_limit).await {
         Ok(head) => head,
         // The status is what counts; a broken answer body only loses the diagnostic text.
         Err(_) => Bytes::new(),
@@ -126,16 +145,20 @@ pub async fn send(client: &reqwest::Client, target: &Target, prepared: Prepared)
     }
 }
 
-async fn read_head(mut response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+async fn read_head(
+    mut response: reqwest::Response,
+    keep: usize,
+    read_limit: usize,
+) -> Result<Bytes, reqwest::Error> {
     let mut head = Vec::new();
     let mut read = 0usize;
     while let Some(chunk) = response.chunk().await? {
         read += chunk.len();
-        if head.len() < ANSWER_HEAD {
-            let room = ANSWER_HEAD - head.len();
+        if head.len() < keep {
+            let room = keep - head.len();
             head.extend_from_slice(&chunk[..chunk.len().min(room)]);
         }
-        if read >= ANSWER_READ_LIMIT {
+        if read >= read_limit {
             break;
         }
     }

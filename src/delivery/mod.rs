@@ -162,6 +162,11 @@ impl Deliverer {
     }
 
     /// Wakes the schedulers of the targets of freshly queued deliveries.
+    /// The process's outbound client (synchronous routes use it too).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     pub fn kick(self: &Arc<Self>, targets: &[Arc<str>]) {
         for (i, target) in targets.iter().enumerate() {
             if targets[..i].iter().any(|t| t == target) {

@@ -54,3 +54,12 @@ pub(super) fn ok(event_id: &str) -> Bytes {
 pub(super) fn error(reason: &str) -> Bytes {
     format!(r#"{{"ok":false,"error":{}}}"#, json_str(reason)).into()
 }
+
+pub(super) fn deny(event_id: &str, reason: &str) -> Bytes {
+    format!(
+        r#"{{"ok":false,"event_id":{},"error":{}}}"#,
+        json_str(event_id),
+        json_str(reason)
+    )
+    .into()
+}

@@ -267,6 +267,20 @@ pub fn ack(kind: DialectKind, event_id: &str) -> Bytes {
     }
 }
 
+/// The "no" of a synchronous answer that could not come from its target (`on_respond_failure:
+/// deny`): Tencent `ErrorCode` 1 (the action is refused), OpenIM `nextCode` 1 (v3.7+: the
+/// before-operation stops), generic `ok: false`. The reason is generic on purpose: the IM server
+/// may show it to the end user, who has no business knowing the gateway's targets.
+pub fn deny(kind: DialectKind, event_id: &str) -> Bytes {
+    match kind {
+        DialectKind::Tencent => tencent::deny(DENY_REASON),
+        DialectKind::OpenIm => openim::deny(DENY_REASON),
+        DialectKind::Generic => generic::deny(event_id, DENY_REASON),
+    }
+}
+
+const DENY_REASON: &str = "the request could not be reviewed; try again later";
+
 /// The error body of a rejection.
 pub fn reject(kind: DialectKind, rejection: &Rejection) -> Bytes {
     match kind {

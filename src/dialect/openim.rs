@@ -26,6 +26,17 @@ pub(super) fn ok() -> Bytes {
     Bytes::from_static(br#"{"actionCode":0,"errCode":0,"errMsg":"","errDlt":"","nextCode":0}"#)
 }
 
+/// A before-callback answer that stops the operation: since v3.7 OpenIM refuses it when
+/// `actionCode == 0 && nextCode == 1`, passing `errCode` (5000–9999: the app's own range) and
+/// `errMsg` back to the caller.
+pub(super) fn deny(reason: &str) -> Bytes {
+    format!(
+        r#"{{"actionCode":0,"errCode":5000,"errMsg":{},"errDlt":"","nextCode":1}}"#,
+        json_str(reason)
+    )
+    .into()
+}
+
 pub(super) fn error(status: StatusCode, reason: &str) -> Bytes {
     format!(
         r#"{{"actionCode":1,"errCode":{},"errMsg":{},"errDlt":"","nextCode":0}}"#,

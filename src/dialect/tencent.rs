@@ -92,6 +92,15 @@ pub(super) fn ok() -> Bytes {
     Bytes::from_static(br#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}"#)
 }
 
+/// A handled before-callback that refuses the action (`ErrorCode` 1: "forbid").
+pub(super) fn deny(reason: &str) -> Bytes {
+    format!(
+        r#"{{"ActionStatus":"OK","ErrorCode":1,"ErrorInfo":{}}}"#,
+        json_str(reason)
+    )
+    .into()
+}
+
 pub(super) fn error(reason: &str) -> Bytes {
     format!(
         r#"{{"ActionStatus":"FAIL","ErrorCode":1,"ErrorInfo":{}}}"#,

@@ -18,13 +18,20 @@ use base64::Engine as _;
 use super::text::{expand_env, parse_duration, parse_size};
 use super::yaml::{self, Key, Node, Pos, Value};
 use super::{
-    CommandLocation, Glob, Origin, RetryPolicy, Route, RuleSet, Source, Target, UrlTemplate,
+    CommandLocation, Glob, OnRespondFailure, Origin, RetryPolicy, Route, RuleSet, Source, Target,
+    UrlTemplate,
 };
 use crate::dialect::DialectKind;
-use crate::script::{Script, ScriptEngine, ScriptOrigin};
+use crate::script::{Script, ScriptEngine, ScriptOrigin, Stage};
 
 /// Largest rule or script file read.
 const MAX_FILE: u64 = 4 << 20;
+
+/// A source's `respond_timeout` when it gives none: inside Tencent's 2 s, with room for the
+/// network between the IM server and the gateway.
+pub const DEFAULT_RESPOND_TIMEOUT: Duration = Duration::from_millis(1500);
+/// No IM server waits longer than this for an answer.
+const MAX_RESPOND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One problem found by a load.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -476,6 +483,8 @@ struct RawRoute {
     commands: Option<Vec<Glob>>,
     filter: Option<ScriptText>,
     transform: Option<ScriptText>,
+    response_transform: Option<ScriptText>,
+    respond: bool,
     to: Vec<(Origin, Arc<str>)>,
     valid: bool,
 }
@@ -548,6 +557,8 @@ fn read_source(ctx: &mut Ctx<'_>, name: &str, node: &Node, origin: Origin) -> Op
     let skew = f.take("max_clock_skew");
     let max_body = f.take("max_body");
     let command = f.take("command");
+    let respond_timeout = f.take("respond_timeout");
+    let on_respond_failure = f.take("on_respond_failure");
     f.finish(ctx);
     let mut ok = check_name(ctx, name, origin.line, origin.col, "source");
 
@@ -649,6 +660,39 @@ fn read_source(ctx: &mut Ctx<'_>, name: &str, node: &Node, origin: Origin) -> Op
             }
         }
     };
+    let respond_timeout = match respond_timeout {
+        None => Some(DEFAULT_RESPOND_TIMEOUT),
+        Some(n) => ctx.duration(n, "respond_timeout").and_then(|d| {
+            if d.is_zero() || d > MAX_RESPOND_TIMEOUT {
+                ctx.error(
+                    n.pos,
+                    format!(
+                        "respond_timeout must be more than 0 and at most {}s",
+                        MAX_RESPOND_TIMEOUT.as_secs()
+                    ),
+                );
+                None
+            } else {
+                Some(d)
+            }
+        }),
+    };
+    let on_respond_failure = match on_respond_failure {
+        None => Some(OnRespondFailure::Allow),
+        Some(n) => ctx
+            .string(n, "on_respond_failure")
+            .and_then(|v| match v.as_str() {
+                "allow" => Some(OnRespondFailure::Allow),
+                "deny" => Some(OnRespondFailure::Deny),
+                other => {
+                    ctx.error(
+                        n.pos,
+                        format!("on_respond_failure must be `allow` or `deny`, not `{other}`"),
+                    );
+                    None
+                }
+            }),
+    };
     Some(Source {
         name: name.into(),
         path: path?,
@@ -658,6 +702,8 @@ fn read_source(ctx: &mut Ctx<'_>, name: &str, node: &Node, origin: Origin) -> Op
         max_clock_skew: skew?,
         max_body: max_body?,
         command: command?,
+        respond_timeout: respond_timeout?,
+        on_respond_failure: on_respond_failure?,
         origin,
     })
     .filter(|_| ok)
@@ -937,6 +983,9 @@ fn read_route(ctx: &mut Ctx<'_>, node: &Node) -> Option<RawRoute> {
     let transform = f.take("transform");
     let transform_file = f.take("transform_file");
     let to = f.take("to");
+    let respond = f.take("respond");
+    let response_transform = f.take("response_transform");
+    let response_transform_file = f.take("response_transform_file");
     let name_text = name.and_then(|n| ctx.string(n, "name"));
     f.what = match &name_text {
         Some(n) => format!("route `{n}`"),
@@ -998,6 +1047,35 @@ fn read_route(ctx: &mut Ctx<'_>, node: &Node) -> Option<RawRoute> {
         };
     let filter = script(filter, filter_file, "filter");
     let transform = script(transform, transform_file, "transform");
+    let response_pos = response_transform
+        .or(response_transform_file)
+        .map(|n| n.pos);
+    let response_transform = script(
+        response_transform,
+        response_transform_file,
+        "response_transform",
+    );
+    let respond = match respond {
+        None => false,
+        Some(n) => match &n.value {
+            Value::Bool(b) => *b,
+            other => {
+                ctx.error(
+                    n.pos,
+                    format!("respond must be true or false, found {}", other.kind()),
+                );
+                valid = false;
+                false
+            }
+        },
+    };
+    if let (Some(pos), false) = (response_pos, respond) {
+        ctx.error(
+            pos,
+            "response_transform shapes a synchronous answer: it needs `respond: true`",
+        );
+        valid = false;
+    }
     let to = match to {
         None => {
             ctx.error(
@@ -1010,6 +1088,18 @@ fn read_route(ctx: &mut Ctx<'_>, node: &Node) -> Option<RawRoute> {
         Some(n) => match ctx.string_list(n, "to") {
             Some(list) if list.is_empty() => {
                 ctx.error(n.pos, "`to` must name at least one target");
+                valid = false;
+                Vec::new()
+            }
+            Some(list) if respond && list.len() != 1 => {
+                ctx.error(
+                    n.pos,
+                    format!(
+                        "route `{name_text}` has `respond: true`, so `to` must name exactly one target \
+                         (the one whose answer is relayed), not {}; send copies elsewhere with another route",
+                        list.len()
+                    ),
+                );
                 valid = false;
                 Vec::new()
             }
@@ -1030,6 +1120,8 @@ fn read_route(ctx: &mut Ctx<'_>, node: &Node) -> Option<RawRoute> {
         commands,
         filter,
         transform,
+        response_transform,
+        respond,
         to,
         valid,
     })
@@ -1147,12 +1239,21 @@ fn resolve(
                 valid = false;
             }
         }
-        let filter = compile(dir, engine, raw_route.filter, errors);
-        let transform = compile(dir, engine, raw_route.transform, errors);
+        let filter = compile(dir, engine, raw_route.filter, Stage::Filter, errors);
+        let transform = compile(dir, engine, raw_route.transform, Stage::Transform, errors);
+        let response_transform = compile(
+            dir,
+            engine,
+            raw_route.response_transform,
+            Stage::Response,
+            errors,
+        );
         if !valid {
             continue;
         }
-        let (Ok(filter), Ok(transform)) = (filter, transform) else {
+        let (Ok(filter), Ok(transform), Ok(response_transform)) =
+            (filter, transform, response_transform)
+        else {
             continue;
         };
         routes.push(Route {
@@ -1164,6 +1265,8 @@ fn resolve(
             filter,
             transform,
             to: raw_route.to.into_iter().map(|(_, t)| t).collect(),
+            respond: raw_route.respond,
+            response_transform,
             origin: raw_route.origin,
         });
     }
@@ -1174,6 +1277,7 @@ fn compile(
     dir: &Path,
     engine: &ScriptEngine,
     text: Option<ScriptText>,
+    stage: Stage,
     errors: &mut Vec<LoadError>,
 ) -> Result<Option<Script>, ()> {
     let (source, origin) = match text {
@@ -1206,14 +1310,17 @@ fn compile(
             }
         }
     };
-    engine.compile(&source, origin).map(Some).map_err(|e| {
-        errors.push(LoadError {
-            file: e.file.to_string(),
-            line: e.line,
-            col: e.col,
-            message: format!("script error: {}", e.message),
-        });
-    })
+    engine
+        .compile(&source, origin, stage)
+        .map(Some)
+        .map_err(|e| {
+            errors.push(LoadError {
+                file: e.file.to_string(),
+                line: e.line,
+                col: e.col,
+                message: format!("script error: {}", e.message),
+            });
+        })
 }
 
 #[cfg(test)]

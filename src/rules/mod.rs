@@ -62,7 +62,29 @@ pub struct Source {
     pub max_body: usize,
     /// generic: where the command is.
     pub command: CommandLocation,
+    /// How long a synchronous (`respond: true`) route may take to answer.
+    pub respond_timeout: Duration,
+    /// What the IM server is told when a synchronous route cannot answer.
+    pub on_respond_failure: OnRespondFailure,
     pub origin: Origin,
+}
+
+/// The answer given in place of a synchronous target's when it cannot answer in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnRespondFailure {
+    /// The dialect's OK: the IM server lets the action happen.
+    Allow,
+    /// The dialect's "no": Tencent `ErrorCode` 1, OpenIM `nextCode` 1.
+    Deny,
+}
+
+impl OnRespondFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRespondFailure::Allow => "allow",
+            OnRespondFailure::Deny => "deny",
+        }
+    }
 }
 
 /// Retry policy of a target.
@@ -110,6 +132,10 @@ pub struct Route {
     pub filter: Option<Script>,
     pub transform: Option<Script>,
     pub to: Vec<Arc<str>>,
+    /// Synchronous: the callback goes to the one target in `to` at once and its answer is
+    /// relayed to the IM server (through `response_transform` when there is one).
+    pub respond: bool,
+    pub response_transform: Option<Script>,
     pub origin: Origin,
 }
 
@@ -231,6 +257,17 @@ impl RuleSet {
                     CommandLocation::Query(q) => line.push_str(&format!(", command query.{q}")),
                 },
             }
+            if self
+                .routes
+                .iter()
+                .any(|r| r.respond && r.selects_source(&s.name))
+            {
+                line.push_str(&format!(
+                    ", synchronous answers within {:?} (on failure: {})",
+                    s.respond_timeout,
+                    s.on_respond_failure.as_str()
+                ));
+            }
             lines.push(line);
         }
         for t in &self.targets {
@@ -266,11 +303,13 @@ impl RuleSet {
                     .unwrap_or_default()
             };
             lines.push(format!(
-                "route {}: sources {sources}, commands {commands}{}{} -> {}",
+                "route {}: sources {sources}, commands {commands}{}{}{} -> {}{}",
                 r.name,
                 script(&r.filter, "filter"),
                 script(&r.transform, "transform"),
-                r.to.iter().map(|t| &**t).collect::<Vec<_>>().join(", ")
+                script(&r.response_transform, "response_transform"),
+                r.to.iter().map(|t| &**t).collect::<Vec<_>>().join(", "),
+                if r.respond { " (responds)" } else { "" }
             ));
         }
         lines
