@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{json, Value};
 
 use crate::delivery::{client, now_ms};
@@ -29,7 +28,7 @@ pub struct Input {
 pub enum ExplainError {
     #[error("no source named `{0}` (sources: {1})")]
     UnknownSource(String, String),
-    #[error("bad --header `{0}`: expected `Name: value`")]
+    #[error("bad --header: {0}; expected `Name: value`")]
     BadHeader(String),
     #[error("the {dialect} dialect rejects this callback with {status}: {reason}")]
     Rejected {
@@ -49,23 +48,15 @@ pub fn explain(
         let names: Vec<&str> = rules.sources.iter().map(|s| &*s.name).collect();
         ExplainError::UnknownSource(input.source.clone(), names.join(", "))
     })?;
-    let mut headers = HeaderMap::new();
+    let mut pairs = Vec::new();
     for line in &input.headers {
         let (name, value) = line
             .split_once(':')
-            .ok_or_else(|| ExplainError::BadHeader(line.clone()))?;
-        let name = HeaderName::from_bytes(name.trim().as_bytes())
-            .map_err(|_| ExplainError::BadHeader(line.clone()))?;
-        let value = HeaderValue::from_str(value.trim())
-            .map_err(|_| ExplainError::BadHeader(line.clone()))?;
-        headers.append(name, value);
+            .ok_or_else(|| ExplainError::BadHeader(format!("`{line}`")))?;
+        pairs.push((name, value));
     }
-    if !headers.contains_key(http::header::CONTENT_TYPE) {
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-    }
+    let headers =
+        crate::ruletest::header_map(pairs).map_err(|e| ExplainError::BadHeader(e.to_string()))?;
     let request = dialect::Request::new(
         input.query.trim_start_matches('?'),
         &input.path_suffix,

@@ -223,7 +223,7 @@ impl Ingress {
     }
 }
 
-fn too_large(limit: usize) -> Rejection {
+pub(crate) fn too_large(limit: usize) -> Rejection {
     Rejection::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("the body is larger than this source's max_body of {limit} bytes"),

@@ -16,6 +16,7 @@ pub mod reload;
 pub mod respond;
 pub mod router;
 pub mod rules;
+pub mod ruletest;
 pub mod script;
 pub mod server;
 pub mod settings;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use switchyard::{dlq, explain, rules, script, LogFormat, Settings};
+use switchyard::{dlq, explain, rules, ruletest, script, LogFormat, Settings};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -49,6 +49,13 @@ enum Command {
         #[arg(default_value = "-")]
         file: String,
     },
+    /// Run the rule tests in DIR/tests/*.yaml; sends nothing
+    Test {
+        #[command(flatten)]
+        rules: RulesDir,
+        /// Run only the cases whose name contains this text
+        filter: Option<String>,
+    },
     /// Dead letters: list, show, replay, drop, through the running server's admin API
     Dlq(dlq::DlqArgs),
 }
@@ -72,6 +79,7 @@ fn main() -> ExitCode {
         None => serve(cli.serve),
         Some(Command::Serve(settings)) => serve(settings),
         Some(Command::Check(rules)) => check(&rules.dir),
+        Some(Command::Test { rules, filter }) => test(&rules.dir, filter.as_deref()),
         Some(Command::Dlq(args)) => match dlq::run(&args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
@@ -196,6 +204,39 @@ fn check(dir: &std::path::Path) -> ExitCode {
     }
 }
 
+fn test(dir: &std::path::Path, filter: Option<&str>) -> ExitCode {
+    let Some((rules, engine)) = load_rules(dir) else {
+        eprintln!("the rules in {} do not load, so no case ran", dir.display());
+        return ExitCode::FAILURE;
+    };
+    let loaded = ruletest::load_cases(dir);
+    for e in &loaded.errors {
+        println!("{e}");
+    }
+    if loaded.cases.is_empty() && loaded.errors.is_empty() {
+        eprintln!(
+            "no test cases in {}",
+            dir.join("tests").join("*.yaml").display()
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let summary = match ruletest::run(&rules, &engine, &loaded.cases, filter, &mut out) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A case that cannot be read counts as a failure: it did not run.
+    let failed = summary.failed + loaded.broken;
+    println!("{} passed, {failed} failed", summary.passed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn read_body(file: &str) -> anyhow::Result<Vec<u8>> {
     let mut body = Vec::new();
     if file == "-" {
@@ -209,17 +250,24 @@ fn read_body(file: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 fn run_explain(dir: &std::path::Path, input: explain::Input) -> anyhow::Result<ExitCode> {
-    let engine = script::ScriptEngine::new(dir, &script::Limits::default());
-    let rules = match rules::load(dir, &engine) {
-        Ok(r) => r,
-        Err(errors) => {
-            for e in &errors.0 {
-                println!("{e}");
-            }
-            return Ok(ExitCode::FAILURE);
-        }
+    let Some((rules, engine)) = load_rules(dir) else {
+        return Ok(ExitCode::FAILURE);
     };
     let report = explain::explain(&rules, &engine, input)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The rules and their engine, or `None` after printing every load error.
+fn load_rules(dir: &std::path::Path) -> Option<(rules::RuleSet, script::ScriptEngine)> {
+    let engine = script::ScriptEngine::new(dir, &script::Limits::default());
+    match rules::load(dir, &engine) {
+        Ok(rules) => Some((rules, engine)),
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            None
+        }
+    }
 }

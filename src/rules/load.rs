@@ -275,19 +275,14 @@ impl Ctx<'_> {
 
     /// A scalar as text, exactly as written (scripts: Rhai has its own `${…}`).
     fn raw_string(&mut self, node: &Node, what: &str) -> Option<String> {
-        match &node.value {
-            Value::Str(s) => Some(s.clone()),
-            Value::Int(i) => Some(i.to_string()),
-            Value::Float(f) => Some(f.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            other => {
-                self.error(
-                    node.pos,
-                    format!("{what} must be a string, found {}", other.kind()),
-                );
-                None
-            }
+        let text = node.value.scalar_text();
+        if text.is_none() {
+            self.error(
+                node.pos,
+                format!("{what} must be a string, found {}", node.value.kind()),
+            );
         }
+        text
     }
 
     /// A list of strings; a single string is a list of one.

@@ -60,6 +60,20 @@ impl Value {
     }
 }
 
+impl Value {
+    /// A scalar as text, as written (`1400000000`, `true`, `1.5` or the string); `None` for null,
+    /// lists and mappings.
+    pub fn scalar_text(&self) -> Option<String> {
+        match self {
+            Value::Str(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            Value::Float(f) => Some(f.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+}
+
 /// A YAML syntax error with its position.
 #[derive(Debug, Clone)]
 pub struct SyntaxError {
