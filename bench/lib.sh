@@ -295,59 +295,16 @@ BENCH_BODY='{"CallbackCommand":"Profile.CallbackPortraitSet","Operator_Account":
 # Deliveries per callback with the rules below: one on the first route, two on the second.
 BENCH_FANOUT=3
 
-# Writes the rule set to BENCH_RULES: a Tencent source with a token, three targets on the sinks,
-# a route with a filter and a transform, and a plain fan-out route.
+# The rule set is bench/rules (also read by the criterion benches): a Tencent source with a token,
+# three targets on the sinks, a route with a filter and a transform, and a plain fan-out route.
+# bench_write_rules copies it to BENCH_RULES and exports the variables it reads.
 bench_write_rules() {
   BENCH_RULES="$BENCH_TMP/rules"
-  mkdir -p "$BENCH_RULES/scripts"
-  cat >"$BENCH_RULES/sources.yaml" <<EOF
-sources:
-  tencent-im:
-    path: /im/tencent
-    dialect: tencent
-    app_ids: ["$BENCH_APPID"]
-    token: $BENCH_TOKEN
-    # Sign and RequestTime are computed once per run: allow the whole run.
-    max_clock_skew: 24h
-EOF
-  cat >"$BENCH_RULES/targets.yaml" <<EOF
-targets:
-  profile-svc:
-    url: http://127.0.0.1:${SINK_PORTS[0]}/im/{command}
-  group-svc:
-    url: http://127.0.0.1:${SINK_PORTS[1]}/events/{source}/{command}
-  audit:
-    url: http://127.0.0.1:${SINK_PORTS[2]}/ingest
-EOF
-  cat >"$BENCH_RULES/routes.yaml" <<'EOF'
-routes:
-  - name: profile-nick-changes
-    sources: [tencent-im]
-    commands: ["Profile.CallbackPortraitSet"]
-    filter: '(body?.ProfileItem ?? []).some(|i| i.Tag == "Tag_Profile_IM_Nick")'
-    transform_file: scripts/profile.rhai
-    to: [profile-svc]
-  - name: fan-out
-    to: [group-svc, audit]
-EOF
-  cat >"$BENCH_RULES/scripts/profile.rhai" <<'EOF'
-let changes = #{};
-for item in body.ProfileItem {
-    switch item.Tag {
-        "Tag_Profile_IM_Nick" => changes.nick = item.Value,
-        "Tag_Profile_IM_Image" => changes.face_url = item.Value,
-        "Tag_Profile_IM_Gender" => changes.gender = item.Value,
-        _ => {}
-    }
-}
-#{
-    user_id: body.From_Account,
-    changes: changes,
-    at: body.EventTime,
-    app_id: app_id,
-    origin: "tencent",
-}
-EOF
+  cp -r "$BENCH_ROOT/bench/rules" "$BENCH_RULES"
+  export BENCH_TOKEN
+  export BENCH_SINK_1="http://127.0.0.1:${SINK_PORTS[0]}"
+  export BENCH_SINK_2="http://127.0.0.1:${SINK_PORTS[1]}"
+  export BENCH_SINK_3="http://127.0.0.1:${SINK_PORTS[2]}"
   "$BENCH_BIN" check --rules "$BENCH_RULES" >"$BENCH_OUT/check.txt" 2>&1 ||
     bench_die "the benchmark rules do not load: $(cat "$BENCH_OUT/check.txt")"
 }
