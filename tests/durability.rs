@@ -869,7 +869,8 @@ async fn a_second_gateway_on_the_same_data_dir_refuses_to_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_delivery_record_does_not_stall_or_spin_the_scheduler() {
     use redb::{ReadableDatabase as _, ReadableTable as _};
-    const DELIVERIES: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("deliveries");
+    const PENDING: redb::TableDefinition<(&str, u64, u128), &[u8]> =
+        redb::TableDefinition::new("pending");
     let addr = reserved_addr().await;
     let rules = one_target(&format!("http://{addr}/in"), "");
     let gw = Gateway::start(rules.path());
@@ -879,15 +880,16 @@ async fn an_unreadable_delivery_record_does_not_stall_or_spin_the_scheduler() {
     // Callback 2's record gets a version byte from the future.
     {
         let db = redb::Database::create(data.path().join("spool.redb")).unwrap();
-        let records: Vec<(u128, Vec<u8>)> = {
+        let records: Vec<((String, u64, u128), Vec<u8>)> = {
             let txn = db.begin_read().unwrap();
-            let table = txn.open_table(DELIVERIES).unwrap();
+            let table = txn.open_table(PENDING).unwrap();
             table
                 .iter()
                 .unwrap()
                 .map(|e| {
                     let (k, v) = e.unwrap();
-                    (k.value(), v.value().to_vec())
+                    let (target, due, id) = k.value();
+                    ((target.to_string(), due, id), v.value().to_vec())
                 })
                 .collect()
         };
@@ -898,9 +900,9 @@ async fn an_unreadable_delivery_record_does_not_stall_or_spin_the_scheduler() {
             .expect("the record of callback 2");
         record[0] = 0xfe;
         let txn = db.begin_write().unwrap();
-        txn.open_table(DELIVERIES)
+        txn.open_table(PENDING)
             .unwrap()
-            .insert(id, record.as_slice())
+            .insert((id.0.as_str(), id.1, id.2), record.as_slice())
             .unwrap();
         txn.commit().unwrap();
     }

@@ -6,12 +6,12 @@
 //! An enqueue resolves only after its commit returned, so the ingress acknowledges nothing that
 //! is not on disk.
 //!
-//! Tables: `deliveries` (id → record), `queue` (target, due, id) — the schedule, scanned in due
+//! Tables: `pending` ((target, due, id) → record) — the schedule with the records, scanned in due
 //! order per target, `age` (target, id) — ids are UUIDv7, so the first one is the oldest, and
 //! `dead` (id → dead letter). Deliveries handed to a scheduler are "in flight" only in memory:
 //! after a crash they are simply due again (at-least-once, same `webhook-id`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use ::redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    WriteTransaction,
 };
 use tokio::sync::oneshot;
 
@@ -27,8 +28,12 @@ use super::codec;
 use super::{Batch, BoxFuture, DeadLetter, DeadQuery, Spool, SpoolError, TargetStats, Waker};
 use crate::delivery::Delivery;
 
-const DELIVERIES: TableDefinition<u128, &[u8]> = TableDefinition::new("deliveries");
-const QUEUE: TableDefinition<(&str, u64, u128), ()> = TableDefinition::new("queue");
+/// The schedule and the records: (target, due, id) → the delivery.
+const PENDING: TableDefinition<(&str, u64, u128), &[u8]> = TableDefinition::new("pending");
+/// Before `pending`, files kept the records in `deliveries` and the schedule in `queue`; they are
+/// moved into `pending` when such a file is opened.
+const OLD_DELIVERIES: TableDefinition<u128, &[u8]> = TableDefinition::new("deliveries");
+const OLD_QUEUE: TableDefinition<(&str, u64, u128), ()> = TableDefinition::new("queue");
 const AGE: TableDefinition<(&str, u128), ()> = TableDefinition::new("age");
 const DEAD: TableDefinition<u128, &[u8]> = TableDefinition::new("dead");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -40,6 +45,8 @@ const OVERHEAD: u64 = 256;
 const MAX_GROUP: usize = 8192;
 /// Page cache of the database; the rest stays on disk (a large backlog does not grow memory).
 const CACHE_BYTES: usize = 32 << 20;
+/// Most deliveries per target kept in memory for the scheduler beside their stored copy.
+const FRESH_MAX: usize = 4096;
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
@@ -102,6 +109,11 @@ struct Shared {
     unreadable: Mutex<HashSet<u128>>,
     /// Entries of `queue` per target (in flight and unreadable included).
     queued: Mutex<HashMap<Arc<str>, u64>>,
+    /// Deliveries just stored, handed to the target's scheduler without reading them back: a
+    /// cache of stored, queued, not-in-flight records. `take_due` uses it only while it holds
+    /// *every* such record of the target (`queued == in flight + fresh`); otherwise it drops it
+    /// and reads the spool. Locked after `in_flight` and `queued`.
+    fresh: Mutex<HashMap<Arc<str>, VecDeque<Delivery>>>,
     dead: Mutex<HashMap<String, u64>>,
     used: AtomicU64,
     limit: u64,
@@ -132,9 +144,9 @@ impl RedbSpool {
             .create(&path)
             .map_err(|e| storage(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(storage)?;
+        migrate(&txn)?;
         let used = {
-            txn.open_table(DELIVERIES).map_err(storage)?;
-            txn.open_table(QUEUE).map_err(storage)?;
+            txn.open_table(PENDING).map_err(storage)?;
             txn.open_table(AGE).map_err(storage)?;
             txn.open_table(DEAD).map_err(storage)?;
             let meta = txn.open_table(META).map_err(storage)?;
@@ -148,6 +160,7 @@ impl RedbSpool {
             in_flight: Mutex::new(HashMap::new()),
             unreadable: Mutex::new(HashSet::new()),
             queued: Mutex::new(queued),
+            fresh: Mutex::new(HashMap::new()),
             dead: Mutex::new(dead),
             used: AtomicU64::new(used),
             limit: limit_bytes,
@@ -219,13 +232,48 @@ impl Drop for RedbSpool {
     }
 }
 
+/// Moves the records of a file written before `pending` existed into it.
+fn migrate(txn: &WriteTransaction) -> Result<(), SpoolError> {
+    let names: Vec<String> = txn
+        .list_tables()
+        .map_err(storage)?
+        .map(|t| t.name().to_string())
+        .collect();
+    if !names.iter().any(|n| n == OLD_QUEUE.name()) {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    {
+        let queue = txn.open_table(OLD_QUEUE).map_err(storage)?;
+        let records = txn.open_table(OLD_DELIVERIES).map_err(storage)?;
+        let mut pending = txn.open_table(PENDING).map_err(storage)?;
+        for entry in queue.iter().map_err(storage)? {
+            let (key, _) = entry.map_err(storage)?;
+            let (target, due, id) = key.value();
+            if let Some(record) = records.get(id).map_err(storage)? {
+                pending
+                    .insert((target, due, id), record.value())
+                    .map_err(storage)?;
+                moved += 1;
+            }
+        }
+    }
+    txn.delete_table(OLD_QUEUE).map_err(storage)?;
+    txn.delete_table(OLD_DELIVERIES).map_err(storage)?;
+    tracing::info!(
+        deliveries = moved,
+        "spool file upgraded to the current layout"
+    );
+    Ok(())
+}
+
 /// Queued entries per target, and dead letters per target label.
 type Counts = (HashMap<Arc<str>, u64>, HashMap<String, u64>);
 
 fn count_entries(db: &Database) -> Result<Counts, SpoolError> {
     let txn = db.begin_read().map_err(storage)?;
     let mut queued: HashMap<Arc<str>, u64> = HashMap::new();
-    let queue = txn.open_table(QUEUE).map_err(storage)?;
+    let queue = txn.open_table(PENDING).map_err(storage)?;
     let mut last: Option<Arc<str>> = None;
     for entry in queue.iter().map_err(storage)? {
         let (key, _) = entry.map_err(storage)?;
@@ -252,8 +300,7 @@ fn count_entries(db: &Database) -> Result<Counts, SpoolError> {
 
 /// The tables of one write transaction, opened once per group.
 struct Tables<'t> {
-    deliveries: ::redb::Table<'t, u128, &'static [u8]>,
-    queue: ::redb::Table<'t, (&'static str, u64, u128), ()>,
+    pending: ::redb::Table<'t, (&'static str, u64, u128), &'static [u8]>,
     age: ::redb::Table<'t, (&'static str, u128), ()>,
     dead: ::redb::Table<'t, u128, &'static [u8]>,
 }
@@ -261,8 +308,7 @@ struct Tables<'t> {
 impl<'t> Tables<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, SpoolError> {
         Ok(Tables {
-            deliveries: txn.open_table(DELIVERIES).map_err(storage)?,
-            queue: txn.open_table(QUEUE).map_err(storage)?,
+            pending: txn.open_table(PENDING).map_err(storage)?,
             age: txn.open_table(AGE).map_err(storage)?,
             dead: txn.open_table(DEAD).map_err(storage)?,
         })
@@ -276,6 +322,8 @@ struct Effects {
     dead: HashMap<String, i64>,
     used: i64,
     settled: Vec<(Arc<str>, u128)>,
+    /// Deliveries newly stored by `Enqueue`s, for the `fresh` cache.
+    stored: Vec<Delivery>,
 }
 
 enum Pending {
@@ -337,12 +385,12 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
     })();
     match result {
         Ok(()) => {
-            {
-                let mut in_flight = lock(&shared.in_flight);
-                for (target, id) in &effects.settled {
-                    if let Some(set) = in_flight.get_mut(target) {
-                        set.remove(id);
-                    }
+            // In-flight ids, counts and the cache change together, so `take_due` sees them
+            // consistent.
+            let mut in_flight = lock(&shared.in_flight);
+            for (target, id) in &effects.settled {
+                if let Some(set) = in_flight.get_mut(target) {
+                    set.remove(id);
                 }
             }
             let mut queued = lock(&shared.queued);
@@ -353,7 +401,14 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
                     queued.remove(&target);
                 }
             }
+            cache_stored(
+                &in_flight,
+                &queued,
+                &mut lock(&shared.fresh),
+                effects.stored,
+            );
             drop(queued);
+            drop(in_flight);
             let mut dead = lock(&shared.dead);
             for (target, delta) in effects.dead {
                 let n = dead.entry(target.clone()).or_default();
@@ -388,6 +443,57 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
             }
             wake(shared, &effects.settled);
         }
+    }
+}
+
+/// Whether the cache holds every queued, not-in-flight delivery of `target`.
+fn cache_complete(
+    in_flight: &HashMap<Arc<str>, HashSet<u128>>,
+    queued: &HashMap<Arc<str>, u64>,
+    fresh: &HashMap<Arc<str>, VecDeque<Delivery>>,
+    target: &str,
+) -> bool {
+    let q = queued.get(target).copied().unwrap_or(0);
+    let f = fresh.get(target).map_or(0, |c| c.len() as u64);
+    let i = in_flight.get(target).map_or(0, |s| s.len() as u64);
+    q == i + f
+}
+
+/// Puts just-stored deliveries in the cache of their target, where the cache was complete
+/// before them (else it stays incomplete and the scheduler reads the spool).
+fn cache_stored(
+    in_flight: &HashMap<Arc<str>, HashSet<u128>>,
+    queued: &HashMap<Arc<str>, u64>,
+    fresh: &mut HashMap<Arc<str>, VecDeque<Delivery>>,
+    stored: Vec<Delivery>,
+) {
+    if stored.is_empty() {
+        return;
+    }
+    // Per target: how many this group stored.
+    let mut added: HashMap<Arc<str>, u64> = HashMap::new();
+    for d in &stored {
+        *added.entry(d.target.clone()).or_default() += 1;
+    }
+    let mut ok: HashMap<Arc<str>, bool> = HashMap::new();
+    for (target, n) in &added {
+        let q = queued.get(target).copied().unwrap_or(0);
+        let f = fresh.get(target).map_or(0, |c| c.len() as u64);
+        let i = in_flight.get(target).map_or(0, |s| s.len() as u64);
+        // Complete before this group, and room for all of it.
+        let complete = q.checked_sub(*n) == Some(i + f);
+        ok.insert(target.clone(), complete && f + n <= FRESH_MAX as u64);
+    }
+    for d in stored {
+        if !ok.get(&d.target).copied().unwrap_or(false) {
+            continue;
+        }
+        // A scheduler may have read it from the spool between the commit and this lock.
+        let id = id_of(&d.id);
+        if in_flight.get(&d.target).is_some_and(|s| s.contains(&id)) {
+            continue;
+        }
+        fresh.entry(d.target.clone()).or_default().push_back(d);
     }
 }
 
@@ -431,11 +537,11 @@ fn insert_delivery(
     effects: &mut Effects,
 ) -> Result<(), SpoolError> {
     let id = id_of(&d.id);
-    t.deliveries
-        .insert(id, codec::encode_delivery(d).as_slice())
-        .map_err(storage)?;
-    t.queue
-        .insert((&*d.target, d.due_at, id), ())
+    t.pending
+        .insert(
+            (&*d.target, d.due_at, id),
+            codec::encode_delivery(d).as_slice(),
+        )
         .map_err(storage)?;
     t.age.insert((&*d.target, id), ()).map_err(storage)?;
     *effects.queued.entry(d.target.clone()).or_default() += 1;
@@ -444,10 +550,11 @@ fn insert_delivery(
 }
 
 fn remove_delivery(t: &mut Tables<'_>, key: &Key, effects: &mut Effects) -> Result<(), SpoolError> {
-    let existed = t.deliveries.remove(key.id).map_err(storage)?.is_some();
-    t.queue
+    let existed = t
+        .pending
         .remove((&*key.target, key.due, key.id))
-        .map_err(storage)?;
+        .map_err(storage)?
+        .is_some();
     t.age.remove((&*key.target, key.id)).map_err(storage)?;
     if existed {
         *effects.queued.entry(key.target.clone()).or_default() -= 1;
@@ -524,19 +631,20 @@ fn apply(
             for letter in &batch.dead {
                 insert_dead(t, letter, effects)?;
             }
+            effects.stored.extend(batch.deliveries);
             pending.push(Pending::Unit(reply, Ok(())));
         }
         Op::Complete(key) => remove_delivery(t, &key, effects)?,
         Op::Retry { delivery, old_due } => {
             let id = id_of(&delivery.id);
-            t.queue
+            t.pending
                 .remove((&*delivery.target, old_due, id))
                 .map_err(storage)?;
-            t.queue
-                .insert((&*delivery.target, delivery.due_at, id), ())
-                .map_err(storage)?;
-            t.deliveries
-                .insert(id, codec::encode_delivery(&delivery).as_slice())
+            t.pending
+                .insert(
+                    (&*delivery.target, delivery.due_at, id),
+                    codec::encode_delivery(&delivery).as_slice(),
+                )
                 .map_err(storage)?;
             effects.settled.push((delivery.target.clone(), id));
         }
@@ -589,11 +697,29 @@ impl Spool for RedbSpool {
 
     fn take_due(&self, target: &str, now_ms: u64, max: usize) -> Vec<Delivery> {
         let mut in_flight = lock(&self.shared.in_flight);
+        {
+            let queued = lock(&self.shared.queued);
+            let mut fresh = lock(&self.shared.fresh);
+            if cache_complete(&in_flight, &queued, &fresh, target) {
+                let Some(cache) = fresh.get_mut(target) else {
+                    return Vec::new();
+                };
+                let taken = in_flight.entry(Arc::from(target)).or_default();
+                let mut out = Vec::new();
+                while out.len() < max && cache.front().is_some_and(|d| d.due_at <= now_ms) {
+                    let d = cache.pop_front().expect("front exists");
+                    taken.insert(id_of(&d.id));
+                    out.push(d);
+                }
+                return out;
+            }
+            // Not every queued delivery is cached: read them from the spool (in due order).
+            fresh.remove(target);
+        }
         let mut unreadable = lock(&self.shared.unreadable);
         let result = (|| -> Result<Vec<Delivery>, SpoolError> {
             let txn = self.db.begin_read().map_err(storage)?;
-            let queue = txn.open_table(QUEUE).map_err(storage)?;
-            let deliveries = txn.open_table(DELIVERIES).map_err(storage)?;
+            let queue = txn.open_table(PENDING).map_err(storage)?;
             let taken = in_flight.entry(Arc::from(target)).or_default();
             let mut out = Vec::new();
             for entry in queue
@@ -603,14 +729,11 @@ impl Spool for RedbSpool {
                 if out.len() >= max {
                     break;
                 }
-                let (key, _) = entry.map_err(storage)?;
+                let (key, record) = entry.map_err(storage)?;
                 let (_, _, id) = key.value();
                 if taken.contains(&id) || unreadable.contains(&id) {
                     continue;
                 }
-                let Some(record) = deliveries.get(id).map_err(storage)? else {
-                    continue;
-                };
                 match codec::decode_delivery(record.value()) {
                     Ok(d) => {
                         taken.insert(id);
@@ -635,10 +758,17 @@ impl Spool for RedbSpool {
 
     fn next_due(&self, target: &str) -> Option<u64> {
         let in_flight = lock(&self.shared.in_flight);
+        {
+            let queued = lock(&self.shared.queued);
+            let fresh = lock(&self.shared.fresh);
+            if cache_complete(&in_flight, &queued, &fresh, target) {
+                return fresh.get(target).and_then(|c| c.front()).map(|d| d.due_at);
+            }
+        }
         let unreadable = lock(&self.shared.unreadable);
         let taken = in_flight.get(target);
         let txn = self.db.begin_read().ok()?;
-        let queue = txn.open_table(QUEUE).ok()?;
+        let queue = txn.open_table(PENDING).ok()?;
         for entry in queue
             .range((target, 0u64, 0u128)..=(target, u64::MAX, u128::MAX))
             .ok()?
@@ -858,9 +988,9 @@ mod tests {
             let txn = db.begin_write().unwrap();
             let mut record = codec::encode_delivery(&a);
             record[0] = 0xfe;
-            txn.open_table(DELIVERIES)
+            txn.open_table(PENDING)
                 .unwrap()
-                .insert(id_of(&a.id), record.as_slice())
+                .insert(("t", a.due_at, id_of(&a.id)), record.as_slice())
                 .unwrap();
             txn.commit().unwrap();
         }
@@ -875,6 +1005,45 @@ mod tests {
         assert!(spool.take_due("t", 100, 10).is_empty());
         // …and the record is still stored, as it was.
         assert_eq!(spool.stats("t").queued, 1);
+    }
+
+    #[tokio::test]
+    async fn a_file_of_the_earlier_layout_is_upgraded_with_its_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (delivery("t", 10), delivery("u", 20));
+        {
+            let db = Database::create(dir.path().join("spool.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut records = txn.open_table(OLD_DELIVERIES).unwrap();
+                let mut queue = txn.open_table(OLD_QUEUE).unwrap();
+                let mut age = txn.open_table(AGE).unwrap();
+                for d in [&a, &b] {
+                    let id = id_of(&d.id);
+                    records
+                        .insert(id, codec::encode_delivery(d).as_slice())
+                        .unwrap();
+                    queue.insert((&*d.target, d.due_at, id), ()).unwrap();
+                    age.insert((&*d.target, id), ()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.stats("t").queued, 1);
+        let taken = spool.take_due("u", 100, 10);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].id, b.id);
+        assert_eq!(taken[0].body, b.body);
+        spool.complete(&taken[0]);
+        spool.flush().await.unwrap();
+        drop(spool);
+        // Upgraded once: the old tables are gone, and what is left is still there.
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.stats("u").queued, 0);
+        let taken = spool.take_due("t", 100, 10);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].id, a.id);
     }
 
     #[tokio::test]
