@@ -47,6 +47,15 @@ const MAX_GROUP: usize = 8192;
 const CACHE_BYTES: usize = 32 << 20;
 /// Most deliveries per target kept in memory for the scheduler beside their stored copy.
 const FRESH_MAX: usize = 4096;
+/// Takes from a target's cursor before its schedule is scanned from the start again.
+const CURSOR_RESCAN: u32 = 64;
+
+/// Where the next scan of a target's schedule starts: after the last delivery taken.
+#[derive(Clone, Copy)]
+struct Cursor {
+    after: (u64, u128),
+    uses: u32,
+}
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
@@ -114,6 +123,8 @@ struct Shared {
     /// *every* such record of the target (`queued == in flight + fresh`); otherwise it drops it
     /// and reads the spool. Locked after `in_flight` and `queued`.
     fresh: Mutex<HashMap<Arc<str>, VecDeque<Delivery>>>,
+    /// Per target, where `take_due` continues; locked after `unreadable`.
+    cursors: Mutex<HashMap<Arc<str>, Cursor>>,
     dead: Mutex<HashMap<String, u64>>,
     used: AtomicU64,
     limit: u64,
@@ -161,6 +172,7 @@ impl RedbSpool {
             unreadable: Mutex::new(HashSet::new()),
             queued: Mutex::new(queued),
             fresh: Mutex::new(HashMap::new()),
+            cursors: Mutex::new(HashMap::new()),
             dead: Mutex::new(dead),
             used: AtomicU64::new(used),
             limit: limit_bytes,
@@ -717,34 +729,73 @@ impl Spool for RedbSpool {
             fresh.remove(target);
         }
         let mut unreadable = lock(&self.shared.unreadable);
+        let mut cursors = lock(&self.shared.cursors);
         let result = (|| -> Result<Vec<Delivery>, SpoolError> {
             let txn = self.db.begin_read().map_err(storage)?;
             let queue = txn.open_table(PENDING).map_err(storage)?;
             let taken = in_flight.entry(Arc::from(target)).or_default();
             let mut out = Vec::new();
-            for entry in queue
-                .range((target, 0u64, 0u128)..=(target, now_ms, u128::MAX))
-                .map_err(storage)?
-            {
-                if out.len() >= max {
-                    break;
-                }
-                let (key, record) = entry.map_err(storage)?;
-                let (_, _, id) = key.value();
-                if taken.contains(&id) || unreadable.contains(&id) {
-                    continue;
-                }
-                match codec::decode_delivery(record.value()) {
-                    Ok(d) => {
-                        taken.insert(id);
-                        out.push(d);
+            let mut scan = |from: (u64, u128),
+                            out: &mut Vec<Delivery>|
+             -> Result<Option<(u64, u128)>, SpoolError> {
+                let mut last = None;
+                for entry in queue
+                    .range((target, from.0, from.1)..=(target, now_ms, u128::MAX))
+                    .map_err(storage)?
+                {
+                    if out.len() >= max {
+                        break;
                     }
-                    Err(e) => {
-                        unreadable.insert(id);
-                        tracing::error!(
-                            target, delivery_id = %uuid::Uuid::from_u128(id), error = %e,
-                            "skipping a damaged delivery record until the next start; it stays in the spool untouched"
+                    let (key, record) = entry.map_err(storage)?;
+                    let (_, due, id) = key.value();
+                    if (due, id) == from || taken.contains(&id) || unreadable.contains(&id) {
+                        continue;
+                    }
+                    match codec::decode_delivery(record.value()) {
+                        Ok(d) => {
+                            taken.insert(id);
+                            out.push(d);
+                            last = Some((due, id));
+                        }
+                        Err(e) => {
+                            unreadable.insert(id);
+                            tracing::error!(
+                                target, delivery_id = %uuid::Uuid::from_u128(id), error = %e,
+                                "skipping a damaged delivery record until the next start; it stays in the spool untouched"
+                            );
+                        }
+                    }
+                }
+                Ok(last)
+            };
+            // Under load the front of the schedule is deliveries in flight: start after the last
+            // one taken instead of stepping over them every time. A delivery stored behind the
+            // cursor (a callback whose commit came late) is found by the scan from the start
+            // made whenever the cursor's scan reaches the end, and at least every
+            // CURSOR_RESCAN takes.
+            let cursor = cursors.get(target).copied();
+            match cursor {
+                Some(c) if c.uses < CURSOR_RESCAN => {
+                    let last = scan(c.after, &mut out)?;
+                    if out.len() >= max {
+                        let after = last.unwrap_or(c.after);
+                        cursors.insert(
+                            Arc::from(target),
+                            Cursor {
+                                after,
+                                uses: c.uses + 1,
+                            },
                         );
+                        return Ok(out);
+                    }
+                    cursors.remove(target);
+                    scan((0, 0), &mut out)?;
+                }
+                _ => {
+                    cursors.remove(target);
+                    let last = scan((0, 0), &mut out)?;
+                    if let (true, Some(after)) = (out.len() >= max, last) {
+                        cursors.insert(Arc::from(target), Cursor { after, uses: 0 });
                     }
                 }
             }
@@ -1005,6 +1056,38 @@ mod tests {
         assert!(spool.take_due("t", 100, 10).is_empty());
         // …and the record is still stored, as it was.
         assert_eq!(spool.stats("t").queued, 1);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_stored_behind_the_scan_cursor_is_still_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let five: Vec<Delivery> = (10..15).map(|due| delivery("t", due)).collect();
+        put(&spool, five.clone()).await;
+        drop(spool);
+        // Reopened, nothing is cached: takes read the schedule.
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let mut taken: Vec<Arc<str>> = Vec::new();
+        for _ in 0..2 {
+            let batch = spool.take_due("t", 100, 2);
+            assert_eq!(batch.len(), 2);
+            taken.extend(batch.into_iter().map(|d| d.id));
+        }
+        // A late commit puts a delivery before the cursor.
+        let late = delivery("t", 5);
+        put(&spool, vec![late.clone()]).await;
+        let rest: Vec<Arc<str>> = spool
+            .take_due("t", 100, 10)
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(rest.len(), 2, "{rest:?}");
+        assert!(rest.contains(&late.id));
+        assert!(rest.contains(&five[4].id));
+        taken.extend(rest);
+        taken.sort();
+        taken.dedup();
+        assert_eq!(taken.len(), 6, "each delivery taken exactly once");
     }
 
     #[tokio::test]
