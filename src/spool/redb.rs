@@ -7,8 +7,9 @@
 //! is not on disk.
 //!
 //! Tables: `pending` ((target, due, id) → record) — the schedule with the records, scanned in due
-//! order per target, `age` (target, id) — ids are UUIDv7, so the first one is the oldest, and
-//! `dead` (id → dead letter). Deliveries handed to a scheduler are "in flight" only in memory:
+//! order per target, `age` (target, id) of the deliveries whose due time is not their creation
+//! time (retried or replayed) — ids are UUIDv7, so its first one is the oldest of those, and the
+//! first of `pending` the oldest of the others — and `dead` (id → dead letter). Deliveries handed to a scheduler are "in flight" only in memory:
 //! after a crash they are simply due again (at-least-once, same `webhook-id`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -77,6 +78,8 @@ struct Key {
     due: u64,
     id: u128,
     cost: u64,
+    /// Also in `age`.
+    aged: bool,
 }
 
 impl Key {
@@ -86,8 +89,15 @@ impl Key {
             due: d.due_at,
             id: id_of(&d.id),
             cost: cost(d),
+            aged: in_age(d),
         }
     }
+}
+
+/// Whether `age` lists the delivery: a delivery due when it was created is found as the oldest
+/// by its place in `pending` (due order is creation order for those), the others are listed.
+fn in_age(d: &Delivery) -> bool {
+    d.due_at != d.created_at
 }
 
 fn cost(d: &Delivery) -> u64 {
@@ -259,6 +269,7 @@ fn migrate(txn: &WriteTransaction) -> Result<(), SpoolError> {
         let queue = txn.open_table(OLD_QUEUE).map_err(storage)?;
         let records = txn.open_table(OLD_DELIVERIES).map_err(storage)?;
         let mut pending = txn.open_table(PENDING).map_err(storage)?;
+        let mut age = txn.open_table(AGE).map_err(storage)?;
         for entry in queue.iter().map_err(storage)? {
             let (key, _) = entry.map_err(storage)?;
             let (target, due, id) = key.value();
@@ -266,6 +277,10 @@ fn migrate(txn: &WriteTransaction) -> Result<(), SpoolError> {
                 pending
                     .insert((target, due, id), record.value())
                     .map_err(storage)?;
+                // `age` lists only deliveries not due at their creation now.
+                if codec::decode_delivery(record.value()).is_ok_and(|d| !in_age(&d)) {
+                    age.remove((target, id)).map_err(storage)?;
+                }
                 moved += 1;
             }
         }
@@ -555,7 +570,9 @@ fn insert_delivery(
             codec::encode_delivery(d).as_slice(),
         )
         .map_err(storage)?;
-    t.age.insert((&*d.target, id), ()).map_err(storage)?;
+    if in_age(d) {
+        t.age.insert((&*d.target, id), ()).map_err(storage)?;
+    }
     *effects.queued.entry(d.target.clone()).or_default() += 1;
     effects.used += cost(d) as i64;
     Ok(())
@@ -567,7 +584,9 @@ fn remove_delivery(t: &mut Tables<'_>, key: &Key, effects: &mut Effects) -> Resu
         .remove((&*key.target, key.due, key.id))
         .map_err(storage)?
         .is_some();
-    t.age.remove((&*key.target, key.id)).map_err(storage)?;
+    if key.aged {
+        t.age.remove((&*key.target, key.id)).map_err(storage)?;
+    }
     if existed {
         *effects.queued.entry(key.target.clone()).or_default() -= 1;
         effects.used -= key.cost as i64;
@@ -658,6 +677,11 @@ fn apply(
                     codec::encode_delivery(&delivery).as_slice(),
                 )
                 .map_err(storage)?;
+            if in_age(&delivery) {
+                t.age.insert((&*delivery.target, id), ()).map_err(storage)?;
+            } else {
+                t.age.remove((&*delivery.target, id)).map_err(storage)?;
+            }
             effects.settled.push((delivery.target.clone(), id));
         }
         Op::Bury(key, letter) => {
@@ -862,12 +886,25 @@ impl Spool for RedbSpool {
             .map_or(0, |s| s.len() as u64);
         let oldest = (|| {
             let txn = self.db.begin_read().ok()?;
+            let time_of = |id: u128| {
+                let (secs, nanos) = uuid::Uuid::from_u128(id).get_timestamp()?.to_unix();
+                Some(secs * 1000 + u64::from(nanos) / 1_000_000)
+            };
+            let pending = txn.open_table(PENDING).ok()?;
+            let first = pending
+                .range((target, 0u64, 0u128)..=(target, u64::MAX, u128::MAX))
+                .ok()?
+                .next()
+                .and_then(|e| e.ok())
+                .and_then(|(key, _)| time_of(key.value().2));
             let age = txn.open_table(AGE).ok()?;
-            let mut range = age.range((target, 0u128)..=(target, u128::MAX)).ok()?;
-            let (key, _) = range.next()?.ok()?;
-            let id = uuid::Uuid::from_u128(key.value().1);
-            let (secs, nanos) = id.get_timestamp()?.to_unix();
-            Some(secs * 1000 + u64::from(nanos) / 1_000_000)
+            let listed = age
+                .range((target, 0u128)..=(target, u128::MAX))
+                .ok()?
+                .next()
+                .and_then(|e| e.ok())
+                .and_then(|(key, _)| time_of(key.value().1));
+            first.into_iter().chain(listed).min()
         })();
         TargetStats {
             queued: total.saturating_sub(in_flight),
@@ -1056,6 +1093,47 @@ mod tests {
         assert!(spool.take_due("t", 100, 10).is_empty());
         // …and the record is still stored, as it was.
         assert_eq!(spool.stats("t").queued, 1);
+    }
+
+    #[tokio::test]
+    async fn the_oldest_queued_delivery_is_found_whether_retried_or_not() {
+        let id_ms = |d: &Delivery| {
+            let (secs, nanos) = uuid::Uuid::parse_str(&d.id)
+                .unwrap()
+                .get_timestamp()
+                .unwrap()
+                .to_unix();
+            secs * 1000 + u64::from(nanos) / 1_000_000
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let old = delivery("t", 100);
+        put(&spool, vec![old.clone()]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let young = delivery("t", 200);
+        put(&spool, vec![young.clone()]).await;
+        assert_eq!(spool.stats("t").oldest_created_at, Some(id_ms(&old)));
+        // The old one is retried far in the future: it is no longer first in due order, and
+        // still the oldest.
+        let taken = spool.take_due("t", 150, 1);
+        assert_eq!(taken[0].id, old.id);
+        spool.retry_at(taken[0].clone(), 1 << 50);
+        spool.flush().await.unwrap();
+        assert_eq!(spool.stats("t").oldest_created_at, Some(id_ms(&old)));
+        // Once it is delivered, the young one is the oldest; then nothing is queued.
+        let taken = spool.take_due("t", u64::MAX, 2);
+        assert_eq!(taken.len(), 2);
+        let (first, second) = if taken[0].id == old.id {
+            (&taken[0], &taken[1])
+        } else {
+            (&taken[1], &taken[0])
+        };
+        spool.complete(first);
+        spool.flush().await.unwrap();
+        assert_eq!(spool.stats("t").oldest_created_at, Some(id_ms(&young)));
+        spool.complete(second);
+        spool.flush().await.unwrap();
+        assert_eq!(spool.stats("t").oldest_created_at, None);
     }
 
     #[tokio::test]
