@@ -45,7 +45,7 @@ const OVERHEAD: u64 = 256;
 /// Most operations written by one commit.
 const MAX_GROUP: usize = 8192;
 /// Page cache of the database; the rest stays on disk (a large backlog does not grow memory).
-const CACHE_BYTES: usize = 32 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 /// Most deliveries per target kept in memory for the scheduler beside their stored copy.
 const FRESH_MAX: usize = 4096;
 /// Takes from a target's cursor before its schedule is scanned from the start again.
