@@ -48,8 +48,10 @@ const MAX_GROUP: usize = 8192;
 const CACHE_BYTES: usize = 16 << 20;
 /// Most deliveries per target kept in memory for the scheduler beside their stored copy.
 const FRESH_MAX: usize = 4096;
-/// Takes from a target's cursor before its schedule is scanned from the start again.
-const CURSOR_RESCAN: u32 = 64;
+/// Scans from a target's cursor before its schedule is scanned from the start again.
+const CURSOR_RESCAN: u32 = 16;
+/// Deliveries a scan reads beyond those asked for, kept for the next takes.
+const READ_AHEAD: usize = 256;
 
 /// Where the next scan of a target's schedule starts: after the last delivery taken.
 #[derive(Clone, Copy)]
@@ -128,12 +130,13 @@ struct Shared {
     unreadable: Mutex<HashSet<u128>>,
     /// Entries of `queue` per target (in flight and unreadable included).
     queued: Mutex<HashMap<Arc<str>, u64>>,
-    /// Deliveries just stored, handed to the target's scheduler without reading them back: a
-    /// cache of stored, queued, not-in-flight records. `take_due` uses it only while it holds
-    /// *every* such record of the target (`queued == in flight + fresh`); otherwise it drops it
-    /// and reads the spool. Locked after `in_flight` and `queued`.
+    /// Per target, stored deliveries that are neither in flight nor taken, in due order, so
+    /// `take_due` can hand them out without reading the spool: either *every* such delivery of
+    /// the target (`queued == in flight + fresh`, kept so as new ones are stored), or the window
+    /// that the last scan read ahead (the earliest due; new ones are not added). Locked after
+    /// `in_flight`, `cursors` and `queued`.
     fresh: Mutex<HashMap<Arc<str>, VecDeque<Delivery>>>,
-    /// Per target, where `take_due` continues; locked after `unreadable`.
+    /// Per target, where `take_due`'s next scan starts; locked after `in_flight`.
     cursors: Mutex<HashMap<Arc<str>, Cursor>>,
     dead: Mutex<HashMap<String, u64>>,
     used: AtomicU64,
@@ -733,41 +736,49 @@ impl Spool for RedbSpool {
 
     fn take_due(&self, target: &str, now_ms: u64, max: usize) -> Vec<Delivery> {
         let mut in_flight = lock(&self.shared.in_flight);
+        let mut out = Vec::new();
+        let mut cursors = lock(&self.shared.cursors);
         {
             let queued = lock(&self.shared.queued);
             let mut fresh = lock(&self.shared.fresh);
-            if cache_complete(&in_flight, &queued, &fresh, target) {
-                let Some(cache) = fresh.get_mut(target) else {
-                    return Vec::new();
-                };
-                let taken = in_flight.entry(Arc::from(target)).or_default();
-                let mut out = Vec::new();
-                while out.len() < max && cache.front().is_some_and(|d| d.due_at <= now_ms) {
-                    let d = cache.pop_front().expect("front exists");
-                    taken.insert(id_of(&d.id));
-                    out.push(d);
+            let complete = cache_complete(&in_flight, &queued, &fresh, target);
+            let rescan = cursors.get(target).is_some_and(|c| c.uses >= CURSOR_RESCAN);
+            if complete || !rescan {
+                // Every queued delivery is cached, or the cache is the window read ahead by the
+                // last scan: take from it.
+                if let Some(cache) = fresh.get_mut(target) {
+                    let taken = in_flight.entry(Arc::from(target)).or_default();
+                    while out.len() < max && cache.front().is_some_and(|d| d.due_at <= now_ms) {
+                        let d = cache.pop_front().expect("front exists");
+                        taken.insert(id_of(&d.id));
+                        out.push(d);
+                    }
                 }
-                return out;
+                if complete || out.len() >= max {
+                    return out;
+                }
             }
-            // Not every queued delivery is cached: read them from the spool (in due order).
+            // Read the schedule: the window is used up, or it is time to look from the start.
             fresh.remove(target);
         }
         let mut unreadable = lock(&self.shared.unreadable);
-        let mut cursors = lock(&self.shared.cursors);
-        let result = (|| -> Result<Vec<Delivery>, SpoolError> {
+        let result = (|| -> Result<(), SpoolError> {
             let txn = self.db.begin_read().map_err(storage)?;
             let queue = txn.open_table(PENDING).map_err(storage)?;
             let taken = in_flight.entry(Arc::from(target)).or_default();
-            let mut out = Vec::new();
+            // Beyond what is asked for, up to READ_AHEAD more are kept as the window, so the
+            // next takes need no read transaction.
+            let mut ahead = VecDeque::new();
             let mut scan = |from: (u64, u128),
-                            out: &mut Vec<Delivery>|
+                            out: &mut Vec<Delivery>,
+                            ahead: &mut VecDeque<Delivery>|
              -> Result<Option<(u64, u128)>, SpoolError> {
                 let mut last = None;
                 for entry in queue
                     .range((target, from.0, from.1)..=(target, now_ms, u128::MAX))
                     .map_err(storage)?
                 {
-                    if out.len() >= max {
+                    if out.len() >= max && ahead.len() >= READ_AHEAD {
                         break;
                     }
                     let (key, record) = entry.map_err(storage)?;
@@ -777,8 +788,12 @@ impl Spool for RedbSpool {
                     }
                     match codec::decode_delivery(record.value()) {
                         Ok(d) => {
-                            taken.insert(id);
-                            out.push(d);
+                            if out.len() < max {
+                                taken.insert(id);
+                                out.push(d);
+                            } else {
+                                ahead.push_back(d);
+                            }
                             last = Some((due, id));
                         }
                         Err(e) => {
@@ -792,16 +807,17 @@ impl Spool for RedbSpool {
                 }
                 Ok(last)
             };
-            // Under load the front of the schedule is deliveries in flight: start after the last
-            // one taken instead of stepping over them every time. A delivery stored behind the
-            // cursor (a callback whose commit came late) is found by the scan from the start
-            // made whenever the cursor's scan reaches the end, and at least every
+            // Under load the front of the schedule is deliveries in flight: a scan starts after
+            // the last delivery read instead of stepping over them every time. A delivery stored
+            // behind the cursor (a callback whose commit came late) is found by the scan from
+            // the start made whenever the cursor's scan reaches the end, and at least every
             // CURSOR_RESCAN takes.
             let cursor = cursors.get(target).copied();
-            match cursor {
+            let last = match cursor {
                 Some(c) if c.uses < CURSOR_RESCAN => {
-                    let last = scan(c.after, &mut out)?;
-                    if out.len() >= max {
+                    let last = scan(c.after, &mut out, &mut ahead)?;
+                    // Stopped before the end of the schedule?
+                    if out.len() >= max && ahead.len() >= READ_AHEAD {
                         let after = last.unwrap_or(c.after);
                         cursors.insert(
                             Arc::from(target),
@@ -810,25 +826,30 @@ impl Spool for RedbSpool {
                                 uses: c.uses + 1,
                             },
                         );
-                        return Ok(out);
+                        lock(&self.shared.fresh).insert(Arc::from(target), ahead);
+                        return Ok(());
                     }
-                    cursors.remove(target);
-                    scan((0, 0), &mut out)?;
+                    // The end: look from the start too (what was read ahead is read again).
+                    ahead.clear();
+                    scan((0, 0), &mut out, &mut ahead)?
                 }
-                _ => {
-                    cursors.remove(target);
-                    let last = scan((0, 0), &mut out)?;
-                    if let (true, Some(after)) = (out.len() >= max, last) {
-                        cursors.insert(Arc::from(target), Cursor { after, uses: 0 });
-                    }
+                _ => scan((0, 0), &mut out, &mut ahead)?,
+            };
+            cursors.remove(target);
+            if let Some(after) = last {
+                if !ahead.is_empty() {
+                    cursors.insert(Arc::from(target), Cursor { after, uses: 0 });
                 }
             }
-            Ok(out)
+            if !ahead.is_empty() {
+                lock(&self.shared.fresh).insert(Arc::from(target), ahead);
+            }
+            Ok(())
         })();
-        result.unwrap_or_else(|e| {
+        if let Err(e) = result {
             tracing::error!(target, error = %e, "cannot read the spool");
-            Vec::new()
-        })
+        }
+        out
     }
 
     fn next_due(&self, target: &str) -> Option<u64> {
@@ -1134,6 +1155,42 @@ mod tests {
         spool.complete(second);
         spool.flush().await.unwrap();
         assert_eq!(spool.stats("t").oldest_created_at, None);
+    }
+
+    #[tokio::test]
+    async fn a_large_backlog_taken_a_few_at_a_time_gives_each_delivery_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let backlog: Vec<Delivery> = (0..1500).map(|i| delivery("t", 1000 + i)).collect();
+        put(&spool, backlog.clone()).await;
+        drop(spool);
+        // Reopened: nothing cached, the windows and the cursor do the work.
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let mut seen = HashSet::new();
+        let mut expected: HashSet<Arc<str>> = backlog.iter().map(|d| d.id.clone()).collect();
+        let mut round = 0u64;
+        loop {
+            let batch = spool.take_due("t", 1 << 40, 3);
+            if batch.is_empty() {
+                break;
+            }
+            for d in batch {
+                assert!(seen.insert(d.id.clone()), "{} taken twice", d.id);
+                spool.complete(&d);
+            }
+            round += 1;
+            if round % 50 == 0 {
+                // A late commit, due before everything read so far.
+                let late = delivery("t", 500 + round);
+                expected.insert(late.id.clone());
+                put(&spool, vec![late]).await;
+                spool.flush().await.unwrap();
+            }
+        }
+        spool.flush().await.unwrap();
+        assert_eq!(seen.len(), expected.len());
+        assert_eq!(seen, expected);
+        assert_eq!(spool.stats("t").queued, 0);
     }
 
     #[tokio::test]
