@@ -15,10 +15,15 @@
 # reached the sinks (the sustained rate = acknowledged callbacks / time until the last delivery),
 # and its RSS idle and at peak. Then the ratios against the peer and the ceiling.
 #
+# Then a paced run: the peer and switchyard at the same offered rate, PACED callbacks/s (default
+# 5000, below what either sustains here), for the ack latency at a load both carry rather than at
+# saturation.
+#
 # Usage: bench/fanout.sh           (about 2 minutes on a 2-core machine, plus the build)
 #        QUICK=1 bench/fanout.sh   (a smoke run: 2 s per server)
 # Needs cargo, wrk, nginx, curl and coreutils/awk; installs nothing. Listens on 127.0.0.1 only.
 # Knobs: DURATION (s, default 15), WARMUP (s, 3), CONNECTIONS (64), THREADS (2), ROUNDS (1),
+# PACED (callbacks/s offered in the paced run; 0 = no paced run; QUICK runs none),
 # SERVERS ("ceiling peer switchyard"), FRONT_WORKERS (nginx workers of the ceiling and the peer,
 # default: one per core), and those of bench/lib.sh (BENCH_OUT, BENCH_DATA, BENCH_PORT_BASE,
 # NGINX_WORKERS for the sinks, SKIP_BUILD, SWITCHYARD_BIN, KEEP_TMP, PERF).
@@ -41,6 +46,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-1}
 SERVERS=${SERVERS:-ceiling peer switchyard}
+if [[ "${QUICK:-0}" == 1 ]]; then PACED=${PACED:-0}; else PACED=${PACED:-5000}; fi
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-600}
 
 bench_require cargo wrk nginx curl sha256sum awk getconf
@@ -153,12 +159,12 @@ settled_sink_requests() {
 
 declare -A RPS P50 P99 ACKED NON2XX ERRS SINKS SUSTAINED DRAIN_S RSS_IDLE RSS_PEAK
 
-# run_load KEY: warm-up, then the measured wrk run; fills RPS, P50, P99, ACKED, NON2XX, ERRS.
+# run_load KEY [LUA]: warm-up, then the measured wrk run; fills RPS, P50, P99, ACKED, NON2XX, ERRS.
 run_load() {
-  local key=$1 out="$BENCH_OUT/wrk-fanout-$1.txt" warm="$BENCH_OUT/wrk-fanout-$1-warmup.txt"
+  local key=$1 lua=${2:-$LUA} out="$BENCH_OUT/wrk-fanout-$1.txt" warm="$BENCH_OUT/wrk-fanout-$1-warmup.txt"
   local non2xx
   if ((WARMUP > 0)); then
-    bench_wrk "$warm" "$WARMUP" "$LUA"
+    bench_wrk "$warm" "$WARMUP" "$lua"
   fi
   # What the warm-up sent is part of what the sinks must get.
   local warm_acked=0
@@ -166,7 +172,7 @@ run_load() {
     warm_acked=$(($(bench_wrk_field "$warm" requests) - $(bench_wrk_field "$warm" non2xx)))
   fi
   T_LOAD0=$(bench_now)
-  bench_wrk "$out" "$DURATION" "$LUA"
+  bench_wrk "$out" "$DURATION" "$lua"
   T_LOAD1=$(bench_now)
   RPS[$key]=$(bench_wrk_field "$out" rps)
   P50[$key]=$(bench_wrk_field "$out" p50)
@@ -182,11 +188,11 @@ run_load() {
 }
 
 measure_nginx() {
-  local name=$1 port=$2 round=$3 key="$1.$3" sinks0 sinks1
+  local name=$1 port=$2 round=$3 key="$1.$3" lua=${4:-$LUA} sinks0 sinks1
   bench_log "$name (round $round): ${WARMUP}s warm-up + ${DURATION}s, $THREADS threads, $CONNECTIONS connections"
   aim_at "$port"
   sinks0=$(settled_sink_requests)
-  run_load "$key"
+  run_load "$key" "$lua"
   sinks1=$(settled_sink_requests)
   # Each stub_status request counts itself.
   SINKS[$key]=$((sinks1 - sinks0 - 1))
@@ -196,7 +202,7 @@ measure_nginx() {
 }
 
 measure_switchyard() {
-  local round=$1 key="switchyard.$1" data="$BENCH_DATA_DIR/fanout-$1" sinks0 sinks1
+  local round=$1 lua=${2:-$LUA} key="switchyard.$1" data="$BENCH_DATA_DIR/fanout-$1" sinks0 sinks1
   bench_log "switchyard, --spool redb (round $round): ${WARMUP}s warm-up + ${DURATION}s, $THREADS threads, $CONNECTIONS connections"
   aim_at "$GW_PORT"
   bench_start_gateway redb "$data"
@@ -206,7 +212,7 @@ measure_switchyard() {
   bench_sample_rss "$rss_file"
   sinks0=$(settled_sink_requests)
   bench_perf_start "fanout-$round"
-  run_load "$key"
+  run_load "$key" "$lua"
   # Sustained: until the last delivery has left the spool.
   local depth t_done="" _
   for _ in $(seq 1 $((DRAIN_TIMEOUT * 20))); do
@@ -253,6 +259,25 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
+# The paced run: the same offered rate for the peer and switchyard (each connection waits between
+# an answer and its next request, so the rate is a little under PACED when answers are slow).
+PACED_RUNS=()
+if ((PACED > 0)); then
+  PACED_DELAY=$(awk -v c="$CONNECTIONS" -v r="$PACED" 'BEGIN {printf "%.3f", 1000 * c / r}')
+  PACED_LUA="$BENCH_TMP/paced.lua"
+  bench_write_lua "$PACED_LUA" 0 "$PACED_DELAY"
+  for server in peer switchyard; do
+    [[ " $SERVERS " == *" $server "* ]] || continue
+    bench_log "paced at up to $PACED callbacks/s ($PACED_DELAY ms between an answer and the next request, per connection):"
+    if [[ $server == peer ]]; then
+      measure_nginx peer "$PEER_PORT" paced "$PACED_LUA"
+    else
+      measure_switchyard paced "$PACED_LUA"
+    fi
+    PACED_RUNS+=("$server")
+  done
+fi
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -298,6 +323,19 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
       [[ " $SERVERS " == *" peer "* ]] && line+=", peer's ${P99[peer.$round]} ms"
       line+="; RSS peak $(mib "${RSS_PEAK[$s]}") MiB (goal <= 64), idle $(mib "${RSS_IDLE[$s]}") MiB (goal <= 20)"
       echo "$line"
+    done
+  fi
+  if ((${#PACED_RUNS[@]})); then
+    echo
+    echo "paced: each connection waits $PACED_DELAY ms between an answer and its next request (offered: up to $PACED callbacks/s)"
+    printf '%-11s %12s %12s %9s %9s %22s %9s\n' server callbacks/s sustained/s p50_ms p99_ms deliveries peak_mib
+    for server in "${PACED_RUNS[@]}"; do
+      k="$server.paced"
+      expected=$((ACKED[$k] * BENCH_FANOUT))
+      ((SINKS[$k] >= expected)) || LOST=1
+      peak="-"
+      [[ $server == switchyard ]] && peak=$(mib "${RSS_PEAK[$k]}")
+      printf '%-11s %12s %12s %9s %9s %22s %9s\n' "$server" "${RPS[$k]}" "${SUSTAINED[$k]}" "${P50[$k]}" "${P99[$k]}" "${SINKS[$k]}/$expected" "$peak"
     done
   fi
   if ((LOST)); then

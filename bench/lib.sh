@@ -318,9 +318,10 @@ bench_sign() {
 }
 
 # Lua for wrk: the POST. With a count, each of THREADS threads stops after count/THREADS
-# answers (so a fill stops at an exact number of callbacks, give or take those in flight).
+# answers (so a fill stops at an exact number of callbacks, give or take those in flight). With a
+# delay (ms), each connection waits that long between an answer and its next request (a paced load).
 bench_write_lua() {
-  local file=$1 per_thread=${2:-0}
+  local file=$1 per_thread=${2:-0} delay_ms=${3:-0}
   local body_lua=${BENCH_BODY//\\/\\\\}
   body_lua=${body_lua//\"/\\\"}
   cat >"$file" <<EOF
@@ -328,6 +329,9 @@ wrk.method = "POST"
 wrk.body = "$body_lua"
 wrk.headers["Content-Type"] = "application/json"
 EOF
+  if [[ "$delay_ms" != 0 ]]; then
+    printf 'function delay() return %s end\n' "$delay_ms" >>"$file"
+  fi
   if ((per_thread > 0)); then
     cat >>"$file" <<EOF
 local answered = 0
