@@ -151,7 +151,7 @@ fn answer_body(
 
 /// Sends the responder's delivery and waits for the answer until `deadline` at the latest.
 pub async fn exchange(
-    client: &reqwest::Client,
+    client: &client::HttpClient,
     target: &Target,
     delivery: &Delivery,
     deadline: Instant,

@@ -1,13 +1,19 @@
 //! The outbound HTTP client and the exact request a delivery attempt sends.
 //!
-//! One `reqwest::Client` for the process (connection pooling, rustls, no redirects, explicit
-//! timeouts). [`prepare`] builds method, URL, headers and body; `explain` shows its result, and
-//! [`send`] sends it, so a dry run and a real attempt cannot disagree.
+//! One hyper client for the process (connection pooling, rustls with the webpki roots, no
+//! redirects, explicit timeouts). [`prepare`] builds method, URL, headers and body; `explain` shows
+//! its result, and [`send`] sends it, so a dry run and a real attempt cannot disagree.
 
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::retry::{parse_retry_after, Outcome};
 use super::{signing, Delivery};
@@ -19,17 +25,27 @@ pub const ANSWER_HEAD: usize = 1024;
 /// An answer is read up to this size (so the connection can be reused), then dropped.
 const ANSWER_READ_LIMIT: usize = 64 * 1024;
 
+/// The outbound client: HTTP/1.1 over TCP or TLS, with a pool of kept-alive connections.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
+
 /// Builds the process's client.
-pub fn build_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(5))
+pub fn build_client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(1024)
-        .tcp_nodelay(true)
-        .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .expect("the TLS backend and resolver are built in")
+        .pool_timer(TokioTimer::new())
+        .build(https)
 }
 
 /// One attempt's request.
@@ -94,7 +110,7 @@ pub fn prepare(target: &Target, delivery: &Delivery, now_secs: u64) -> Prepared 
 }
 
 /// Sends one attempt and reports what came of it.
-pub async fn send(client: &reqwest::Client, target: &Target, prepared: Prepared) -> Outcome {
+pub async fn send(client: &HttpClient, target: &Target, prepared: Prepared) -> Outcome {
     send_keeping(
         client,
         prepared,
@@ -105,54 +121,78 @@ pub async fn send(client: &reqwest::Client, target: &Target, prepared: Prepared)
     .await
 }
 
-/// Sends a request within `timeout` (connecting included) and keeps the first `keep` bytes of
-/// the answer, reading at most `read_limit` of it.
+/// Sends a request within `timeout` (connecting and reading the answer included) and keeps the
+/// first `keep` bytes of the answer, reading at most `read_limit` of it.
 pub async fn send_keeping(
-    client: &reqwest::Client,
+    client: &HttpClient,
     prepared: Prepared,
     timeout: Duration,
     keep: usize,
     read_limit: usize,
 ) -> Outcome {
-    let url = match reqwest::Url::parse(&prepared.url) {
+    let uri = match uri_of(&prepared.url) {
         Ok(u) => u,
         Err(e) => return Outcome::Invalid(format!("url {}: {e}", prepared.url)),
     };
-    let request = client
-        .request(prepared.method, url)
-        .headers(prepared.headers)
-        .timeout(timeout)
-        .body(prepared.body);
-    let response = match request.send().await {
-        Ok(r) => r,
-        Err(e) => return transport_outcome(&e),
-    };
-    let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let body_head = match read_head(response, keep, read_limit).await {
-        Ok(head) => head,
+    let mut request = http::Request::new(Full::new(prepared.body));
+    *request.method_mut() = prepared.method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = prepared.headers;
+    request
+        .headers_mut()
+        .entry(http::header::USER_AGENT)
+        .or_insert(HeaderValue::from_static(USER_AGENT));
+    let exchange = async {
+        let response = match client.request(request).await {
+            Ok(r) => r,
+            Err(e) => return transport_outcome(&e),
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         // The status is what counts; a broken answer body only loses the diagnostic text.
-        Err(_) => Bytes::new(),
+        let body_head = read_head(response.into_body(), keep, read_limit)
+            .await
+            .unwrap_or_default();
+        Outcome::Answered {
+            status,
+            retry_after,
+            body_head,
+        }
     };
-    Outcome::Answered {
-        status,
-        retry_after,
-        body_head,
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Outcome::Timeout)
+}
+
+/// The URI of a rendered target URL. Rule loading checked the template with a WHATWG URL parser;
+/// what `http::Uri` does not take as is (an international host name, say) goes through it again,
+/// which gives its ASCII form.
+fn uri_of(url: &str) -> Result<Uri, String> {
+    if let Ok(uri) = url.parse::<Uri>() {
+        return Ok(uri);
     }
+    let normalized = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    normalized
+        .as_str()
+        .parse::<Uri>()
+        .map_err(|e| e.to_string())
 }
 
 async fn read_head(
-    mut response: reqwest::Response,
+    mut body: Incoming,
     keep: usize,
     read_limit: usize,
-) -> Result<Bytes, reqwest::Error> {
+) -> Result<Bytes, hyper::Error> {
     let mut head = Vec::new();
     let mut read = 0usize;
-    while let Some(chunk) = response.chunk().await? {
+    while let Some(frame) = body.frame().await {
+        let Ok(chunk) = frame?.into_data() else {
+            continue;
+        };
         read += chunk.len();
         if head.len() < keep {
             let room = keep - head.len();
@@ -165,13 +205,9 @@ async fn read_head(
     Ok(head.into())
 }
 
-fn transport_outcome(e: &reqwest::Error) -> Outcome {
-    if e.is_timeout() {
-        Outcome::Timeout
-    } else if e.is_connect() {
+fn transport_outcome(e: &hyper_util::client::legacy::Error) -> Outcome {
+    if e.is_connect() {
         Outcome::Connect(root_cause(e))
-    } else if e.is_builder() {
-        Outcome::Invalid(root_cause(e))
     } else {
         Outcome::Transport(root_cause(e))
     }
@@ -184,4 +220,43 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(url: &str) -> Prepared {
+        Prepared {
+            method: Method::POST,
+            url: url.to_string(),
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn https_and_http_targets_that_refuse_are_connect_errors() {
+        // A closed port on loopback: refused at once, for TLS as for plain HTTP.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let client = build_client();
+        for scheme in ["http", "https"] {
+            let url = format!("{scheme}://127.0.0.1:{port}/in");
+            let outcome =
+                send_keeping(&client, request(&url), Duration::from_secs(5), 16, 16).await;
+            assert!(matches!(outcome, Outcome::Connect(_)), "{url}: {outcome:?}");
+        }
+    }
+
+    #[test]
+    fn urls_http_does_not_take_as_they_are_are_normalized() {
+        assert_eq!(
+            uri_of("http://bücher.example/im/x").unwrap().host(),
+            Some("xn--bcher-kva.example")
+        );
+        assert!(uri_of("not a url").is_err());
+    }
 }

@@ -91,7 +91,7 @@ pub fn now_ms() -> u64 {
 pub struct Deliverer {
     spool: Arc<dyn Spool>,
     rules: Arc<ArcSwap<RuleSet>>,
-    client: reqwest::Client,
+    client: client::HttpClient,
     workers: Mutex<HashMap<Arc<str>, Arc<Worker>>>,
     stop: CancellationToken,
     attempts: TaskTracker,
@@ -163,7 +163,7 @@ impl Deliverer {
 
     /// Wakes the schedulers of the targets of freshly queued deliveries.
     /// The process's outbound client (synchronous routes use it too).
-    pub fn client(&self) -> &reqwest::Client {
+    pub fn client(&self) -> &client::HttpClient {
         &self.client
     }
 
