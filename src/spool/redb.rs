@@ -44,6 +44,8 @@ const USED_BYTES: &str = "used_bytes";
 const OVERHEAD: u64 = 256;
 /// Most operations written by one commit.
 const MAX_GROUP: usize = 8192;
+/// How long a group of settlements only waits for more operations before it is written.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 /// Page cache of the database; the rest stays on disk (a large backlog does not grow memory).
 const CACHE_BYTES: usize = 16 << 20;
 /// Most deliveries per target kept in memory for the scheduler beside their stored copy.
@@ -383,13 +385,34 @@ impl Pending {
 fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>) {
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
+        let mut waited = false;
         while ops.len() < MAX_GROUP {
             match rx.try_recv() {
                 Ok(op) => ops.push(op),
-                Err(_) => break,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    // Nobody waits for a group of settlements (delivered, retried, dead): let it
+                    // gather more, up to SETTLE_WAIT, so fewer commits (and fsyncs) carry them.
+                    // A group anyone waits for is written at once.
+                    if waited || ops.iter().any(Op::awaited) {
+                        break;
+                    }
+                    waited = true;
+                    match rx.recv_timeout(SETTLE_WAIT) {
+                        Ok(op) => ops.push(op),
+                        Err(_) => break,
+                    }
+                }
             }
         }
         write_group(db, shared, ops);
+    }
+}
+
+impl Op {
+    /// Whether a caller waits for this operation's commit.
+    fn awaited(&self) -> bool {
+        !matches!(self, Op::Complete(_) | Op::Retry { .. } | Op::Bury(..))
     }
 }
 
