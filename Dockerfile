@@ -12,7 +12,11 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# .cargo/config.toml sets how the allocator (mimalloc) is built; the benches are named in
+# Cargo.toml, so cargo wants their files even when it builds only the binary.
+COPY .cargo ./.cargo
 COPY src ./src
+COPY benches ./benches
 # Cache the registry and the target directory between builds (BuildKit); the binary is copied out
 # of the cache mount so the next stage can see it.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
