@@ -233,6 +233,16 @@ routes:
     assert_eq!(p.header("x-switchyard-attempt"), "1");
     assert_eq!(p.header("content-type"), content_type);
     assert_eq!(p.body, body.as_bytes());
+    assert_eq!(
+        p.header("user-agent"),
+        concat!("switchyard/", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(
+        p.header("host").starts_with("127.0.0.1:"),
+        "{:?}",
+        p.header("host")
+    );
+    assert_eq!(p.header("content-length"), body.len().to_string());
 
     // The transformed delivery is JSON.
     let s = &shaped_got[0];
