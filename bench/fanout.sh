@@ -19,7 +19,7 @@
 # 5000, below what either sustains here), for the ack latency at a load both carry rather than at
 # saturation.
 #
-# Usage: bench/fanout.sh           (about 2 minutes on a 2-core machine, plus the build)
+# Usage: bench/fanout.sh           (about 3 minutes on a 2-core machine, plus the build)
 #        QUICK=1 bench/fanout.sh   (a smoke run: 2 s per server)
 # Needs cargo, wrk, nginx, curl and coreutils/awk; installs nothing. Listens on 127.0.0.1 only.
 # Knobs: DURATION (s, default 15), WARMUP (s, 3), CONNECTIONS (64), THREADS (2), ROUNDS (1),
