@@ -78,40 +78,22 @@ fi
 # ---------------------------------------------------------------------------------------------
 # The front nginx: the ceiling and the peer, in their own prefix (the sinks are another nginx).
 
-FRONT_PID=""
 start_front() {
-  local dir="$BENCH_TMP/front" user="" upstreams="" i
-  mkdir -p "$dir/logs" "$dir/tmp"
-  [[ $(id -u) == 0 ]] && user="user root;"
+  local upstreams="" i
   for i in 1 2 3; do
     upstreams+="
     upstream sink$i { server 127.0.0.1:${SINK_PORTS[$((i - 1))]}; keepalive 256; }"
   done
-  cat >"$dir/nginx.conf" <<EOF
-$user
-worker_processes ${FRONT_WORKERS:-auto};
-pid $dir/nginx.pid;
-error_log $dir/logs/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    client_body_buffer_size 64k;
+  bench_nginx front "${FRONT_WORKERS:-auto}" "http://127.0.0.1:$CEILING_PORT/" "
     proxy_http_version 1.1;
-    proxy_set_header Connection "";
+    proxy_set_header Connection \"\";
     proxy_buffering off;
 $upstreams
     server {
         listen 127.0.0.1:$CEILING_PORT backlog=4096;
         location / {
             default_type application/json;
-            return 200 '{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}';
+            return 200 '{\"ActionStatus\":\"OK\",\"ErrorCode\":0,\"ErrorInfo\":\"\"}';
         }
     }
     server {
@@ -123,20 +105,8 @@ $upstreams
         }
         location = /mirror-2 { internal; proxy_pass http://sink2\$request_uri; }
         location = /mirror-3 { internal; proxy_pass http://sink3\$request_uri; }
-    }
-}
-EOF
-  nginx -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" ||
-    bench_die "nginx rejected $dir/nginx.conf (see $dir/logs/error.log)"
-  nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" -g 'daemon off;' &
-  FRONT_PID=$!
-  BENCH_PIDS+=("$FRONT_PID")
-  for i in $(seq 1 100); do
-    curl -fsS -o /dev/null -X POST "http://127.0.0.1:$CEILING_PORT/" 2>/dev/null && return 0
-    kill -0 "$FRONT_PID" 2>/dev/null || bench_die "the front nginx exited (see $dir/logs/error.log)"
-    sleep 0.1
-  done
-  bench_die "the front nginx did not start"
+    }"
+  BENCH_PIDS+=("$BENCH_NGINX_PID")
 }
 
 # Points BENCH_CALLBACK_URL at a server: bench_sign signs for the gateway's port.

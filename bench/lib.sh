@@ -229,25 +229,21 @@ bench_busy_cores() {
 # ---------------------------------------------------------------------------------------------
 # Sinks: nginx answering 200 on SINK_PORTS, stub_status on STATUS_PORT
 
-bench_start_sinks() {
-  local dir="$BENCH_TMP/nginx" p servers=""
+# bench_nginx NAME WORKERS READY_URL HTTP: starts an nginx of its own (prefix and config in
+# BENCH_TMP/NAME, never the system's) whose http block holds HTTP after the shared settings, and
+# waits until READY_URL answers; sets BENCH_NGINX_PID.
+bench_nginx() {
+  local name=$1 workers=$2 ready=$3 body=$4 dir="$BENCH_TMP/$1"
   mkdir -p "$dir/logs" "$dir/tmp"
-  for p in "${SINK_PORTS[@]}"; do
-    servers+="
-    server {
-        listen 127.0.0.1:$p backlog=4096;
-        location / { return 200 \"ok\\n\"; }
-    }"
-  done
   # As root, nginx would switch its workers to a user that may not exist here.
   local user=""
   [[ $(id -u) == 0 ]] && user="user root;"
   cat >"$dir/nginx.conf" <<EOF
 $user
-worker_processes ${NGINX_WORKERS:-1};
+worker_processes $workers;
 pid $dir/nginx.pid;
 error_log $dir/logs/error.log warn;
-events { worker_connections 4096; }
+events { worker_connections 8192; }
 http {
     access_log off;
     keepalive_requests 10000000;
@@ -258,24 +254,38 @@ http {
     uwsgi_temp_path $dir/tmp/uwsgi;
     scgi_temp_path $dir/tmp/scgi;
     client_body_buffer_size 64k;
-$servers
-    server {
-        listen 127.0.0.1:$STATUS_PORT;
-        location / { stub_status; }
-    }
+$body
 }
 EOF
   nginx -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" ||
     bench_die "nginx rejected $dir/nginx.conf (see $dir/logs/error.log)"
   nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" -g 'daemon off;' &
-  NGINX_PID=$!
+  BENCH_NGINX_PID=$!
   local i
   for i in $(seq 1 100); do
-    curl -fsS -o /dev/null "http://127.0.0.1:$STATUS_PORT/" 2>/dev/null && return 0
-    kill -0 "$NGINX_PID" 2>/dev/null || bench_die "nginx exited (see $dir/logs/error.log)"
+    curl -fsS -o /dev/null "$ready" 2>/dev/null && return 0
+    kill -0 "$BENCH_NGINX_PID" 2>/dev/null || bench_die "nginx ($name) exited (see $dir/logs/error.log)"
     sleep 0.1
   done
-  bench_die "nginx did not start"
+  bench_die "nginx ($name) did not start"
+}
+
+bench_start_sinks() {
+  local p servers=""
+  for p in "${SINK_PORTS[@]}"; do
+    servers+="
+    server {
+        listen 127.0.0.1:$p backlog=4096;
+        location / { return 200 \"ok\\n\"; }
+    }"
+  done
+  servers+="
+    server {
+        listen 127.0.0.1:$STATUS_PORT;
+        location / { stub_status; }
+    }"
+  bench_nginx nginx "${NGINX_WORKERS:-1}" "http://127.0.0.1:$STATUS_PORT/" "$servers"
+  NGINX_PID=$BENCH_NGINX_PID
 }
 
 # Requests nginx has served so far (all servers), from stub_status; counts this request too.
