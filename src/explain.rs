@@ -56,7 +56,7 @@ pub fn explain(
         pairs.push((name, value));
     }
     let headers =
-        crate::ruletest::header_map(pairs).map_err(|e| ExplainError::BadHeader(e.to_string()))?;
+        dialect::request_headers(pairs).map_err(|e| ExplainError::BadHeader(e.to_string()))?;
     let request = dialect::Request::new(
         input.query.trim_start_matches('?'),
         &input.path_suffix,

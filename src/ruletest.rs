@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::HeaderMap;
 use serde_json::Value as Json;
 
 use crate::delivery::{client, now_ms};
@@ -304,7 +304,8 @@ fn perform(rules: &RuleSet, engine: &ScriptEngine, case: &Case) -> Result<Actual
     let raw_query = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(&query)
         .finish();
-    let headers = header_map(spec.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let headers =
+        dialect::request_headers(spec.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
     let request = dialect::Request::new(&raw_query, &spec.path_suffix, &headers);
     let kind = source.dialect;
     let rejected = |rejection: Rejection| Actual {
@@ -340,42 +341,48 @@ fn perform(rules: &RuleSet, engine: &ScriptEngine, case: &Case) -> Result<Actual
     let answer = match responder {
         None => Ok(dialect::ack(kind, &callback.event_id)),
         Some(responder) => {
+            let route = responder.route;
             let reply = match (&responder.delivery, &case.respond_with) {
-                (Err(e), _) => Err(Failure::Script(e.clone())),
-                (Ok(_), Some(Mock::Answer { status, body })) => Ok(Reply {
+                (Err(e), _) => Some(Err(Failure::Script(e.clone()))),
+                (Ok(_), Some(Mock::Answer { status, body })) => Some(Ok(Reply {
                     status: *status,
                     body: body.clone(),
-                }),
-                (Ok(_), Some(Mock::Timeout)) => Err(Failure::Timeout),
-                (Ok(_), Some(Mock::Unreachable)) => Err(Failure::Unreachable(
+                })),
+                (Ok(_), Some(Mock::Timeout)) => Some(Err(Failure::Timeout)),
+                (Ok(_), Some(Mock::Unreachable)) => Some(Err(Failure::Unreachable(
                     "connection refused (respond_with: unreachable)".into(),
-                )),
-                (Ok(_), None) => {
-                    return Ok(Actual {
-                        answer: Err(format!(
-                            "route {} answers this callback synchronously: give `respond_with` \
-                             (the target's answer) to check the answer",
-                            responder.route.name
-                        )),
-                        ..finish(rules, fired, dead_letters, queued, responder_route, now)
-                    });
-                }
+                ))),
+                (Ok(_), None) => None,
             };
-            let route = responder.route;
+            // The synchronous ask is a request like the others, whatever it is answered.
             if let Ok(delivery) = responder.delivery {
                 queued.push(delivery);
             }
-            let vars = route
-                .response_transform
-                .is_some()
-                .then(|| routing.vars(&callback));
-            Ok(respond::relay(&callback, route, engine, vars, reply).body)
+            match reply {
+                None => Err(format!(
+                    "route {} answers this callback synchronously: give `respond_with` \
+                     (the target's answer) to check the answer",
+                    route.name
+                )),
+                Some(reply) => {
+                    let vars = route
+                        .response_transform
+                        .is_some()
+                        .then(|| routing.vars(&callback));
+                    Ok(respond::relay(&callback, route, engine, vars, reply).body)
+                }
+            }
         }
     };
-    Ok(Actual {
+    Ok(finish(
+        rules,
+        fired,
+        dead_letters,
+        queued,
+        responder_route,
         answer,
-        ..finish(rules, fired, dead_letters, queued, responder_route, now)
-    })
+        now,
+    ))
 }
 
 fn finish(
@@ -384,6 +391,7 @@ fn finish(
     dead_letters: Vec<String>,
     deliveries: Vec<crate::delivery::Delivery>,
     responder: Option<String>,
+    answer: Result<Bytes, String>,
     now: u64,
 ) -> Actual {
     let deliveries = deliveries
@@ -405,30 +413,9 @@ fn finish(
         fired,
         dead_letters,
         deliveries,
-        answer: Ok(Bytes::new()),
+        answer,
         responder,
     }
-}
-
-/// A header map from `(name, value)` pairs, with `content-type: application/json` unless given.
-pub(crate) fn header_map<'a>(
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> Result<HeaderMap, String> {
-    let mut headers = HeaderMap::new();
-    for (name, value) in pairs {
-        let name = HeaderName::from_bytes(name.trim().as_bytes())
-            .map_err(|_| format!("`{name}` is not a valid header name"))?;
-        let value = HeaderValue::from_str(value.trim())
-            .map_err(|_| format!("the value of header `{name}` is not valid header text"))?;
-        headers.append(name, value);
-    }
-    if !headers.contains_key(http::header::CONTENT_TYPE) {
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-    }
-    Ok(headers)
 }
 
 fn describe(d: &SentRequest) -> String {
@@ -709,14 +696,9 @@ impl Reader<'_> {
     }
 
     fn string(&mut self, node: &Node, what: &str) -> Option<String> {
-        let text = node.value.scalar_text();
-        if text.is_none() {
-            self.error(
-                node.pos,
-                format!("{what} must be a string, found {}", node.value.kind()),
-            );
-        }
-        text
+        node.scalar_text(what)
+            .map_err(|message| self.error(node.pos, message))
+            .ok()
     }
 
     fn bool(&mut self, node: &Node, what: &str) -> bool {

@@ -215,6 +215,23 @@ async fn every_kind_of_failure_falls_back_in_the_openim_dialect() {
     audit.wait_for(4, Duration::from_secs(10)).await;
 }
 
+/// An OpenIM source that denies on failure, a `moderate` route to `moderation` at `url` (with
+/// `route_extra` lines), and more targets and routes.
+fn openim_deny(url: &str, route_extra: &str, targets: &str, routes: &str) -> String {
+    format!(
+        "sources:
+  o: {{path: /im/openim, dialect: openim, on_respond_failure: deny}}
+targets:
+  moderation: {{url: '{url}'}}
+{targets}routes:
+  - name: moderate
+    commands: ['callbackBefore*']
+    respond: true
+{route_extra}    to: [moderation]
+{routes}"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_target_or_a_failing_script_answers_deny_in_openim() {
     let audit = Sink::start().await;
@@ -222,21 +239,11 @@ async fn an_unreachable_target_or_a_failing_script_answers_deny_in_openim() {
     let dir = RulesDir::new();
     dir.write(
         "r.yaml",
-        &format!(
-            "sources:
-  o: {{path: /im/openim, dialect: openim, on_respond_failure: deny}}
-targets:
-  moderation: {{url: 'http://{down}/check'}}
-  audit: {{url: '{audit}/audit'}}
-routes:
-  - name: moderate
-    commands: ['callbackBefore*']
-    respond: true
-    to: [moderation]
-  - name: audit-log
-    to: [audit]
-",
-            audit = audit.url()
+        &openim_deny(
+            &format!("http://{down}/check"),
+            "",
+            &format!("  audit: {{url: '{}/audit'}}\n", audit.url()),
+            "  - name: audit-log\n    to: [audit]\n",
         ),
     );
     let gw = Gateway::start(dir.path());
@@ -260,19 +267,11 @@ routes:
     moderation.set_default(Answer::status(200).body(r#"{"ok":true}"#));
     dir.write(
         "r.yaml",
-        &format!(
-            "sources:
-  o: {{path: /im/openim, dialect: openim, on_respond_failure: deny}}
-targets:
-  moderation: {{url: '{m}/check'}}
-routes:
-  - name: moderate
-    commands: ['callbackBefore*']
-    respond: true
-    response_transform: 'response.missing.field'
-    to: [moderation]
-",
-            m = moderation.url()
+        &openim_deny(
+            &format!("{}/check", moderation.url()),
+            "    response_transform: 'response.missing.field'\n",
+            "",
+            "",
         ),
     );
     gw.wait_for_log("rules reloaded", Duration::from_secs(10))

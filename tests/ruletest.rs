@@ -176,6 +176,7 @@ tests:
       sign: true
       body: {GroupId: g1}
     expect:
+      deliveries: [{target: moderation}, {target: audit}]
       answer: {ActionStatus: OK, ErrorCode: 0, ErrorInfo: ""}
   - name: a script that fails
     source: im
@@ -210,6 +211,8 @@ tests:
         );
     }
     assert_eq!(out.lines().last(), Some("1 passed, 3 failed"), "{out}");
+    // Without `respond_with` only the answer cannot be checked: the ask is still a delivery.
+    assert!(!out.contains("the delivery to moderation"), "{out}");
     assert!(
         out.contains("failing.yaml:3)"),
         "a failure names FILE:LINE of its case: {out}"

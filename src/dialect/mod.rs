@@ -106,6 +106,27 @@ impl<'a> Request<'a> {
     }
 }
 
+/// The headers of a request given as `(name, value)` pairs (`explain`, `switchyard test`), with `content-type: application/json` unless given.
+pub fn request_headers<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("`{name}` is not a valid header name"))?;
+        let value = http::HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("the value of header `{name}` is not valid header text"))?;
+        headers.append(name, value);
+    }
+    if !headers.contains_key(http::header::CONTENT_TYPE) {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+    }
+    Ok(headers)
+}
+
 /// Why a request was refused; answered in the dialect's error shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {

@@ -275,14 +275,9 @@ impl Ctx<'_> {
 
     /// A scalar as text, exactly as written (scripts: Rhai has its own `${…}`).
     fn raw_string(&mut self, node: &Node, what: &str) -> Option<String> {
-        let text = node.value.scalar_text();
-        if text.is_none() {
-            self.error(
-                node.pos,
-                format!("{what} must be a string, found {}", node.value.kind()),
-            );
-        }
-        text
+        node.scalar_text(what)
+            .map_err(|message| self.error(node.pos, message))
+            .ok()
     }
 
     /// A list of strings; a single string is a list of one.

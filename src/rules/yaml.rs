@@ -60,16 +60,16 @@ impl Value {
     }
 }
 
-impl Value {
-    /// A scalar as text, as written (`1400000000`, `true`, `1.5` or the string); `None` for null,
-    /// lists and mappings.
-    pub fn scalar_text(&self) -> Option<String> {
-        match self {
-            Value::Str(s) => Some(s.clone()),
-            Value::Int(i) => Some(i.to_string()),
-            Value::Float(f) => Some(f.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            _ => None,
+impl Node {
+    /// A scalar as text, as written (`1400000000`, `true`, `1.5` or the string); for null, lists
+    /// and mappings the message "{what} must be a string, found …".
+    pub fn scalar_text(&self, what: &str) -> Result<String, String> {
+        match &self.value {
+            Value::Str(s) => Ok(s.clone()),
+            Value::Int(i) => Ok(i.to_string()),
+            Value::Float(f) => Ok(f.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            other => Err(format!("{what} must be a string, found {}", other.kind())),
         }
     }
 }

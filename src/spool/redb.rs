@@ -507,10 +507,31 @@ fn cache_complete(
     fresh: &HashMap<Arc<str>, VecDeque<Delivery>>,
     target: &str,
 ) -> bool {
-    let q = queued.get(target).copied().unwrap_or(0);
-    let f = fresh.get(target).map_or(0, |c| c.len() as u64);
-    let i = in_flight.get(target).map_or(0, |s| s.len() as u64);
+    let (q, i, f) = counts(in_flight, queued, fresh, target);
     q == i + f
+}
+
+/// The value of `target` in a per-target map, made if missing (without allocating the name on
+/// every call of the hot path, as `entry` would).
+fn target_entry<'m, V: Default>(map: &'m mut HashMap<Arc<str>, V>, target: &str) -> &'m mut V {
+    if !map.contains_key(target) {
+        map.insert(Arc::from(target), V::default());
+    }
+    map.get_mut(target).expect("just inserted")
+}
+
+/// A target's stored, in-flight and cached deliveries.
+fn counts(
+    in_flight: &HashMap<Arc<str>, HashSet<u128>>,
+    queued: &HashMap<Arc<str>, u64>,
+    fresh: &HashMap<Arc<str>, VecDeque<Delivery>>,
+    target: &str,
+) -> (u64, u64, u64) {
+    (
+        queued.get(target).copied().unwrap_or(0),
+        in_flight.get(target).map_or(0, |s| s.len() as u64),
+        fresh.get(target).map_or(0, |c| c.len() as u64),
+    )
 }
 
 /// Puts just-stored deliveries in the cache of their target, where the cache was complete
@@ -531,9 +552,7 @@ fn cache_stored(
     }
     let mut ok: HashMap<Arc<str>, bool> = HashMap::new();
     for (target, n) in &added {
-        let q = queued.get(target).copied().unwrap_or(0);
-        let f = fresh.get(target).map_or(0, |c| c.len() as u64);
-        let i = in_flight.get(target).map_or(0, |s| s.len() as u64);
+        let (q, i, f) = counts(in_flight, queued, fresh, target);
         // Complete before this group, and room for all of it.
         let complete = q.checked_sub(*n) == Some(i + f);
         ok.insert(target.clone(), complete && f + n <= FRESH_MAX as u64);
@@ -771,7 +790,7 @@ impl Spool for RedbSpool {
                 // Every queued delivery is cached, or the cache is the window read ahead by the
                 // last scan: take from it.
                 if let Some(cache) = fresh.get_mut(target) {
-                    let taken = in_flight.entry(Arc::from(target)).or_default();
+                    let taken = target_entry(&mut in_flight, target);
                     while out.len() < max && cache.front().is_some_and(|d| d.due_at <= now_ms) {
                         let d = cache.pop_front().expect("front exists");
                         taken.insert(id_of(&d.id));
@@ -789,7 +808,7 @@ impl Spool for RedbSpool {
         let result = (|| -> Result<(), SpoolError> {
             let txn = self.db.begin_read().map_err(storage)?;
             let queue = txn.open_table(PENDING).map_err(storage)?;
-            let taken = in_flight.entry(Arc::from(target)).or_default();
+            let taken = target_entry(&mut in_flight, target);
             // Beyond what is asked for, up to READ_AHEAD more are kept as the window, so the
             // next takes need no read transaction.
             let mut ahead = VecDeque::new();
