@@ -15,6 +15,9 @@ pub const DEAD_LETTERS: &str = "switchyard_dead_letters";
 pub const RULES_GENERATION: &str = "switchyard_rules_generation";
 pub const RULES_RELOADS: &str = "switchyard_rules_reloads_total";
 pub const SCRIPT_ERRORS: &str = "switchyard_script_errors_total";
+pub const SPOOL_COMMITS: &str = "switchyard_spool_commits_total";
+pub const SPOOL_COMMIT_DURATION: &str = "switchyard_spool_commit_duration_seconds";
+pub const SPOOL_COMMIT_OPS: &str = "switchyard_spool_commit_ops_total";
 
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -35,6 +38,14 @@ pub fn install() -> PrometheusHandle {
                         &[
                             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                             10.0, 30.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(SPOOL_COMMIT_DURATION.to_string()),
+                        &[
+                            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
                         ],
                     )
                 })
@@ -62,6 +73,18 @@ fn describe() {
     metrics::describe_gauge!(RULES_GENERATION, "Generation of the running rule set");
     metrics::describe_counter!(RULES_RELOADS, "Rule reloads, by outcome");
     metrics::describe_counter!(SCRIPT_ERRORS, "Filter and transform runtime errors");
+    metrics::describe_counter!(
+        SPOOL_COMMITS,
+        "Durable spool transactions, by outcome (each one fsync)"
+    );
+    metrics::describe_histogram!(
+        SPOOL_COMMIT_DURATION,
+        "Time to write and fsync one spool transaction"
+    );
+    metrics::describe_counter!(
+        SPOOL_COMMIT_OPS,
+        "Operations carried by spool transactions: stored callbacks and settled deliveries"
+    );
 }
 
 /// Most distinct command labels kept; beyond it commands are counted as "other", so a sender

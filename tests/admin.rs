@@ -161,6 +161,17 @@ async fn metrics_after_traffic() {
         value(r#"switchyard_script_errors_total{route="broken",stage="filter"}"#),
         2.0
     );
+    // The spool's transactions: the two routed callbacks were stored, the two delivered copies
+    // settled, each transaction timed.
+    let commits = value(r#"switchyard_spool_commits_total{outcome="ok"}"#);
+    assert!(commits >= 1.0, "{text}");
+    assert!(value(r#"switchyard_spool_commit_ops_total{op="store"}"#) >= 2.0);
+    assert!(value(r#"switchyard_spool_commit_ops_total{op="settle"}"#) >= 2.0);
+    assert!(
+        text.contains("# TYPE switchyard_spool_commit_duration_seconds histogram"),
+        "{text}"
+    );
+    assert!(value("switchyard_spool_commit_duration_seconds_count") >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

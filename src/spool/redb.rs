@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 use super::codec;
 use super::{Batch, BoxFuture, DeadLetter, DeadQuery, Spool, SpoolError, TargetStats, Waker};
 use crate::delivery::Delivery;
+use crate::metrics as m;
 
 /// The schedule and the records: (target, due, id) → the delivery.
 const PENDING: TableDefinition<(&str, u64, u128), &[u8]> = TableDefinition::new("pending");
@@ -420,6 +421,12 @@ impl Op {
 fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
     let mut effects = Effects::default();
     let mut pending = Vec::new();
+    let (stored, settled) = ops.iter().fold((0u64, 0u64), |(s, t), op| match op {
+        Op::Enqueue(..) => (s + 1, t),
+        Op::Complete(_) | Op::Retry { .. } | Op::Bury(..) => (s, t + 1),
+        _ => (s, t),
+    });
+    let started = std::time::Instant::now();
     let result = (|| -> Result<(), SpoolError> {
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
@@ -437,6 +444,11 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
         }
         commit(txn)
     })();
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!(m::SPOOL_COMMITS, "outcome" => outcome).increment(1);
+    metrics::histogram!(m::SPOOL_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::counter!(m::SPOOL_COMMIT_OPS, "op" => "store").increment(stored);
+    metrics::counter!(m::SPOOL_COMMIT_OPS, "op" => "settle").increment(settled);
     match result {
         Ok(()) => {
             // In-flight ids, counts and the cache change together, so `take_due` sees them
