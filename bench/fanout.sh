@@ -15,15 +15,18 @@
 # reached the sinks (the sustained rate = acknowledged callbacks / time until the last delivery),
 # and its RSS idle and at peak. Then the ratios against the peer and the ceiling.
 #
-# Then a paced run: the peer and switchyard at the same offered rate, PACED callbacks/s (default
-# 5000, below what either sustains here), for the ack latency at a load both carry rather than at
-# saturation.
+# Then a paced run: the peer and switchyard at the same offered rate, PACED callbacks/s — by
+# default the peer's own sustained rate (the lowest of its rounds), the load the ack-latency goal
+# is set for — for the ack latency at that load rather than at saturation. Each connection waits
+# between an answer and its next request; the wait is tuned after the warm-up so that the rate
+# comes out at PACED when the server carries it.
 #
 # Usage: bench/fanout.sh           (about 3 minutes on a 2-core machine, plus the build)
 #        QUICK=1 bench/fanout.sh   (a smoke run: 2 s per server)
 # Needs cargo, wrk, nginx, curl and coreutils/awk; installs nothing. Listens on 127.0.0.1 only.
 # Knobs: DURATION (s, default 15), WARMUP (s, 3), CONNECTIONS (64), THREADS (2), ROUNDS (1),
-# PACED (callbacks/s offered in the paced run; 0 = no paced run; QUICK runs none),
+# PACED (callbacks/s offered in the paced run, or `peer`, the default: the peer's sustained rate,
+# 5000 when the peer does not run; 0 = no paced run; QUICK runs none),
 # SERVERS ("ceiling peer switchyard"), FRONT_WORKERS (nginx workers of the ceiling and the peer,
 # default: one per core), and those of bench/lib.sh (BENCH_OUT, BENCH_DATA, BENCH_PORT_BASE,
 # NGINX_WORKERS for the sinks, SKIP_BUILD, SWITCHYARD_BIN, KEEP_TMP, PERF).
@@ -46,7 +49,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-1}
 SERVERS=${SERVERS:-ceiling peer switchyard}
-if [[ "${QUICK:-0}" == 1 ]]; then PACED=${PACED:-0}; else PACED=${PACED:-5000}; fi
+if [[ "${QUICK:-0}" == 1 ]]; then PACED=${PACED:-0}; else PACED=${PACED:-peer}; fi
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-600}
 
 bench_require cargo wrk nginx curl sha256sum awk getconf
@@ -127,14 +130,25 @@ settled_sink_requests() {
   echo "$now"
 }
 
-declare -A RPS P50 P99 ACKED NON2XX ERRS SINKS SUSTAINED DRAIN_S RSS_IDLE RSS_PEAK
+declare -A RPS P50 P99 ACKED NON2XX ERRS SINKS SUSTAINED DRAIN_S RSS_IDLE RSS_PEAK PACED_WAIT
 
 # run_load KEY [LUA]: warm-up, then the measured wrk run; fills RPS, P50, P99, ACKED, NON2XX, ERRS.
+# run_load KEY [LUA] [RATE]: the warm-up and the measured run. With RATE (the paced run), LUA
+# waits PACED_DELAY ms between an answer and the next request; the warm-up shows how long an
+# answer takes at that pace, and the measured run waits that much less, so it offers RATE.
 run_load() {
-  local key=$1 lua=${2:-$LUA} out="$BENCH_OUT/wrk-fanout-$1.txt" warm="$BENCH_OUT/wrk-fanout-$1-warmup.txt"
+  local key=$1 lua=${2:-$LUA} rate=${3:-0} out="$BENCH_OUT/wrk-fanout-$1.txt" warm="$BENCH_OUT/wrk-fanout-$1-warmup.txt"
   local non2xx
   if ((WARMUP > 0)); then
     bench_wrk "$warm" "$WARMUP" "$lua"
+    if ((rate > 0)); then
+      local tuned
+      tuned=$(awk -v c="$CONNECTIONS" -v r="$rate" -v d="$PACED_DELAY" -v got="$(bench_wrk_field "$warm" rps)" \
+        'BEGIN {if (got <= 0) {printf "%.3f", d; exit} answer = 1000 * c / got - d; t = 1000 * c / r - answer; if (t < 0) t = 0; printf "%.3f", t}')
+      lua="$BENCH_TMP/paced-$key.lua"
+      bench_write_lua "$lua" 0 "$tuned"
+      PACED_WAIT[$key]=$tuned
+    fi
   fi
   # What the warm-up sent is part of what the sinks must get.
   local warm_acked=0
@@ -158,11 +172,11 @@ run_load() {
 }
 
 measure_nginx() {
-  local name=$1 port=$2 round=$3 key="$1.$3" lua=${4:-$LUA} sinks0 sinks1
+  local name=$1 port=$2 round=$3 key="$1.$3" lua=${4:-$LUA} rate=${5:-0} sinks0 sinks1
   bench_log "$name (round $round): ${WARMUP}s warm-up + ${DURATION}s, $THREADS threads, $CONNECTIONS connections"
   aim_at "$port"
   sinks0=$(settled_sink_requests)
-  run_load "$key" "$lua"
+  run_load "$key" "$lua" "$rate"
   sinks1=$(settled_sink_requests)
   # Each stub_status request counts itself.
   SINKS[$key]=$((sinks1 - sinks0 - 1))
@@ -172,7 +186,7 @@ measure_nginx() {
 }
 
 measure_switchyard() {
-  local round=$1 lua=${2:-$LUA} key="switchyard.$1" data="$BENCH_DATA_DIR/fanout-$1" sinks0 sinks1
+  local round=$1 lua=${2:-$LUA} rate=${3:-0} key="switchyard.$1" data="$BENCH_DATA_DIR/fanout-$1" sinks0 sinks1
   bench_log "switchyard, --spool redb (round $round): ${WARMUP}s warm-up + ${DURATION}s, $THREADS threads, $CONNECTIONS connections"
   aim_at "$GW_PORT"
   bench_start_gateway redb "$data"
@@ -182,7 +196,7 @@ measure_switchyard() {
   bench_sample_rss "$rss_file"
   sinks0=$(settled_sink_requests)
   bench_perf_start "fanout-$round"
-  run_load "$key" "$lua"
+  run_load "$key" "$lua" "$rate"
   # Sustained: until the last delivery has left the spool.
   local depth t_done="" _
   for _ in $(seq 1 $((DRAIN_TIMEOUT * 20))); do
@@ -232,17 +246,25 @@ done
 # The paced run: the same offered rate for the peer and switchyard (each connection waits between
 # an answer and its next request, so the rate is a little under PACED when answers are slow).
 PACED_RUNS=()
+PACED_FROM="given"
+if [[ $PACED == peer ]]; then
+  PACED=5000 PACED_FROM="default, the peer did not run"
+  if [[ " $SERVERS " == *" peer "* ]]; then
+    PACED=$(for round in $(seq 1 "$ROUNDS"); do echo "${SUSTAINED[peer.$round]}"; done | sort -n | head -1)
+    PACED_FROM="the peer's sustained rate"
+  fi
+fi
 if ((PACED > 0)); then
   PACED_DELAY=$(awk -v c="$CONNECTIONS" -v r="$PACED" 'BEGIN {printf "%.3f", 1000 * c / r}')
   PACED_LUA="$BENCH_TMP/paced.lua"
   bench_write_lua "$PACED_LUA" 0 "$PACED_DELAY"
   for server in peer switchyard; do
     [[ " $SERVERS " == *" $server "* ]] || continue
-    bench_log "paced at up to $PACED callbacks/s ($PACED_DELAY ms between an answer and the next request, per connection):"
+    bench_log "paced at $PACED callbacks/s ($PACED_FROM; waits tuned after the warm-up from $PACED_DELAY ms):"
     if [[ $server == peer ]]; then
-      measure_nginx peer "$PEER_PORT" paced "$PACED_LUA"
+      measure_nginx peer "$PEER_PORT" paced "$PACED_LUA" "$PACED"
     else
-      measure_switchyard paced "$PACED_LUA"
+      measure_switchyard paced "$PACED_LUA" "$PACED"
     fi
     PACED_RUNS+=("$server")
   done
@@ -297,16 +319,20 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
   fi
   if ((${#PACED_RUNS[@]})); then
     echo
-    echo "paced: each connection waits $PACED_DELAY ms between an answer and its next request (offered: up to $PACED callbacks/s)"
-    printf '%-11s %12s %12s %9s %9s %22s %9s\n' server callbacks/s sustained/s p50_ms p99_ms deliveries peak_mib
+    echo "paced at $PACED callbacks/s ($PACED_FROM): each connection waits between an answer and its next request,"
+    echo "the wait tuned after the warm-up so the offered rate is $PACED/s (wait_ms; a server that cannot carry it falls short)"
+    printf '%-11s %8s %12s %12s %9s %9s %22s %9s\n' server wait_ms callbacks/s sustained/s p50_ms p99_ms deliveries peak_mib
     for server in "${PACED_RUNS[@]}"; do
       k="$server.paced"
       expected=$((ACKED[$k] * BENCH_FANOUT))
       ((SINKS[$k] >= expected)) || LOST=1
       peak="-"
       [[ $server == switchyard ]] && peak=$(mib "${RSS_PEAK[$k]}")
-      printf '%-11s %12s %12s %9s %9s %22s %9s\n' "$server" "${RPS[$k]}" "${SUSTAINED[$k]}" "${P50[$k]}" "${P99[$k]}" "${SINKS[$k]}/$expected" "$peak"
+      printf '%-11s %8s %12s %12s %9s %9s %22s %9s\n' "$server" "${PACED_WAIT[$k]:-$PACED_DELAY}" "${RPS[$k]}" "${SUSTAINED[$k]}" "${P50[$k]}" "${P99[$k]}" "${SINKS[$k]}/$expected" "$peak"
     done
+    if [[ -n "${RPS[switchyard.paced]:-}" ]]; then
+      echo "paced: switchyard ack p99 ${P99[switchyard.paced]} ms at ${RPS[switchyard.paced]} callbacks/s (goal <= 5 ms at the peer's rate)"
+    fi
   fi
   if ((LOST)); then
     echo "ERROR: a server's sinks got fewer requests than 3 per acknowledged callback"
