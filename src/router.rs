@@ -245,5 +245,6 @@ fn scope_vars(callback: &Callback) -> Result<Vars, RunError> {
         headers: to_map(&callback.headers),
         event_id: (&*callback.event_id).into(),
         received_at: callback.received_at as i64,
+        prepared: Default::default(),
     })
 }

@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rhai::module_resolvers::FileModuleResolver;
 use rhai::{
@@ -180,22 +180,43 @@ pub struct Vars {
     pub headers: Map,
     pub event_id: ImmutableString,
     pub received_at: i64,
+    /// The scope of the constants, built for the first script and kept for the next ones.
+    pub prepared: Prepared,
 }
 
+/// A callback's constants as a scope, reused by every script run on the callback. Scripts cannot
+/// change constants, and what a script declares is removed after it, so each script still sees
+/// the callback as it came; only `body`, which scripts may change, is copied for each.
+#[derive(Debug, Default)]
+pub struct Prepared(Mutex<Option<Scope<'static>>>);
+
 impl Vars {
-    fn scope(&self) -> Scope<'static> {
-        let mut scope = Scope::with_capacity(SCOPE_NAMES.len());
-        scope
-            .push("body", self.body.clone())
-            .push_constant("command", self.command.clone())
-            .push_constant("source", self.source.clone())
-            .push_constant("dialect", self.dialect.clone())
-            .push_constant("app_id", self.app_id.clone())
-            .push_constant("query", self.query.clone())
-            .push_constant("headers", self.headers.clone())
-            .push_constant("event_id", self.event_id.clone())
-            .push_constant("received_at", self.received_at);
-        scope
+    /// Runs `f` with the scope for one script: the constants, then `body` and `extra`.
+    fn with_scope<R>(
+        &self,
+        extra: impl FnOnce(&mut Scope<'static>),
+        f: impl FnOnce(&mut Scope<'static>) -> R,
+    ) -> R {
+        let mut slot = self.prepared.0.lock().unwrap_or_else(|e| e.into_inner());
+        let scope = slot.get_or_insert_with(|| {
+            let mut scope = Scope::with_capacity(SCOPE_NAMES.len() + RESPONSE_NAMES.len() + 8);
+            scope
+                .push_constant("command", self.command.clone())
+                .push_constant("source", self.source.clone())
+                .push_constant("dialect", self.dialect.clone())
+                .push_constant("app_id", self.app_id.clone())
+                .push_constant("query", self.query.clone())
+                .push_constant("headers", self.headers.clone())
+                .push_constant("event_id", self.event_id.clone())
+                .push_constant("received_at", self.received_at);
+            scope
+        });
+        let constants = scope.len();
+        scope.push("body", self.body.clone());
+        extra(scope);
+        let result = f(scope);
+        scope.rewind(constants);
+        result
     }
 }
 
@@ -274,7 +295,10 @@ impl ScriptEngine {
 
     /// Runs a filter; anything but a bool is an error.
     pub fn filter(&self, route: &Arc<str>, script: &Script, vars: &Vars) -> Result<bool, RunError> {
-        let value = self.run(route, script, vars.scope(), Stage::Filter)?;
+        let value = vars.with_scope(
+            |_| {},
+            |scope| self.run(route, script, scope, Stage::Filter),
+        )?;
         value.as_bool().map_err(|ty| RunError {
             stage: Stage::Filter,
             message: format!("a filter must evaluate to a bool, not {ty}"),
@@ -289,7 +313,10 @@ impl ScriptEngine {
         script: &Script,
         vars: &Vars,
     ) -> Result<TransformOutput, RunError> {
-        let value = self.run(route, script, vars.scope(), Stage::Transform)?;
+        let value = vars.with_scope(
+            |_| {},
+            |scope| self.run(route, script, scope, Stage::Transform),
+        )?;
         if value.is_unit() {
             return Ok(TransformOutput::Skip);
         }
@@ -322,11 +349,14 @@ impl ScriptEngine {
         response: Dynamic,
         status: u16,
     ) -> Result<Vec<u8>, RunError> {
-        let mut scope = vars.scope();
-        scope
-            .push_constant("response", response)
-            .push_constant("status", i64::from(status));
-        let value = self.run(route, script, scope, Stage::Response)?;
+        let value = vars.with_scope(
+            |scope| {
+                scope
+                    .push_constant("response", response)
+                    .push_constant("status", i64::from(status));
+            },
+            |scope| self.run(route, script, scope, Stage::Response),
+        )?;
         if !value.is_map() {
             return Err(RunError {
                 stage: Stage::Response,
@@ -348,13 +378,13 @@ impl ScriptEngine {
         &self,
         route: &Arc<str>,
         script: &Script,
-        mut scope: Scope<'static>,
+        scope: &mut Scope<'static>,
         stage: Stage,
     ) -> Result<Dynamic, RunError> {
         CURRENT_ROUTE.with(|r| *r.borrow_mut() = Some(route.clone()));
         let result = self
             .engine
-            .eval_ast_with_scope::<Dynamic>(&mut scope, &script.ast);
+            .eval_ast_with_scope::<Dynamic>(scope, &script.ast);
         CURRENT_ROUTE.with(|r| *r.borrow_mut() = None);
         result.map_err(|err| {
             let pos = err.position();
@@ -511,7 +541,44 @@ mod tests {
             headers: Map::new(),
             event_id: "ev-1".into(),
             received_at: 1,
+            prepared: Default::default(),
         }
+    }
+
+    #[test]
+    fn scripts_on_one_callback_do_not_see_each_others_changes() {
+        let e = engine();
+        let route: Arc<str> = "r".into();
+        let v = vars(r#"{"From_Account":"u1"}"#);
+        let transform = |text: &str| e.compile(text, origin(), Stage::Transform).unwrap();
+        let changer = transform(
+            r#"body.From_Account = "changed"; body.Extra = 1; let command = "mine"; body"#,
+        );
+        let reader = transform(
+            r#"#{from: body.From_Account, extra: body.Extra, command: command, app_id: app_id}"#,
+        );
+        let json = |out: TransformOutput| match out {
+            TransformOutput::Body(b) => serde_json::from_slice::<serde_json::Value>(&b).unwrap(),
+            TransformOutput::Skip => panic!("skipped"),
+        };
+        let changed = json(e.transform(&route, &changer, &v).unwrap());
+        assert_eq!(changed["From_Account"], "changed");
+        assert_eq!(changed["Extra"], 1);
+        // The second script gets the callback as it came, however often the first one runs.
+        for _ in 0..2 {
+            let seen = json(e.transform(&route, &reader, &v).unwrap());
+            assert_eq!(
+                seen,
+                serde_json::json!({"from": "u1", "extra": null, "command": "Profile.CallbackPortraitSet", "app_id": "1400000000"})
+            );
+            e.transform(&route, &changer, &v).unwrap();
+        }
+        // A failing script leaves nothing behind either.
+        let failing = transform(r#"let app_id = "x"; body.Extra = 2; throw "no""#);
+        assert!(e.transform(&route, &failing, &v).is_err());
+        let seen = json(e.transform(&route, &reader, &v).unwrap());
+        assert_eq!(seen["app_id"], "1400000000");
+        assert_eq!(seen["extra"], serde_json::Value::Null);
     }
 
     #[test]
