@@ -138,10 +138,13 @@ impl Ingress {
         let batch = Batch { deliveries, dead };
         let store = async {
             if batch.deliveries.is_empty() && batch.dead.is_empty() {
-                Ok(())
-            } else {
-                self.spool.enqueue(batch).await
+                return Ok::<(), crate::spool::SpoolError>(());
             }
+            self.spool.enqueue(batch).await?;
+            // At once, not after the synchronous ask: the sender may hang up meanwhile, and this
+            // request with it. (The redb spool also wakes them itself, from its commit.)
+            self.deliverer.kick(&targets);
+            Ok(())
         };
         // The synchronous answer is asked for while the other routes' copies are stored.
         let deadline = started + source.respond_timeout;
@@ -173,7 +176,6 @@ impl Ingress {
                 ),
             );
         }
-        self.deliverer.kick(&targets);
         count(&source.name, &command, outcome);
         tracing::debug!(
             event_id = %callback.event_id, source = %source.name, command = %callback.command,

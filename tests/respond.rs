@@ -330,3 +330,46 @@ routes:
         "errors carry their location:\n{err}"
     );
 }
+
+/// The IM server gives up on the synchronous answer and closes the connection while the target
+/// still thinks: the other routes' copies were stored, so they are delivered at once all the
+/// same — not when some later callback or timer happens to wake their target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_copies_are_delivered_when_the_sender_hangs_up_before_the_answer() {
+    for spool in ["redb", "memory"] {
+        let (moderation, audit) = (Sink::start().await, Sink::start().await);
+        moderation.set_default(
+            Answer::status(200)
+                .body(TENCENT_OK)
+                .delayed(Duration::from_secs(10)),
+        );
+        let dir = rules(&moderation.url(), &audit.url(), ", respond_timeout: 8s", "");
+        let gw = Gateway::start_with(dir.path(), &["--spool", spool], &[]);
+
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let q = tencent_query("Group.CallbackBeforeSendMsg", Some(TOKEN));
+        let sent = Instant::now();
+        let gave_up = impatient
+            .post(gw.url(&format!("/im/tencent?{q}")))
+            .header("content-type", "application/json")
+            .body(before_send())
+            .send()
+            .await;
+        assert!(gave_up.is_err(), "{spool}: the answer waits for the target");
+        moderation.wait_for(1, Duration::from_secs(5)).await;
+        let copies = audit.wait_for(1, Duration::from_secs(3)).await;
+        assert_eq!(copies.len(), 1, "{spool}: the audit copy is delivered");
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "{spool}: delivered {:?} after the callback, not at once",
+            sent.elapsed()
+        );
+        assert_eq!(
+            copies[0].json(),
+            serde_json::from_str::<serde_json::Value>(&before_send()).unwrap()
+        );
+    }
+}

@@ -459,6 +459,15 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
                     set.remove(id);
                 }
             }
+            // Targets with new deliveries are woken from here, not by whoever stored them: a
+            // request dropped while its commit was on the way (the sender hung up) would
+            // otherwise leave them asleep.
+            let grown: Vec<Arc<str>> = effects
+                .queued
+                .iter()
+                .filter(|(_, delta)| **delta > 0)
+                .map(|(target, _)| target.clone())
+                .collect();
             let mut queued = lock(&shared.queued);
             for (target, delta) in effects.queued {
                 let n = queued.entry(target.clone()).or_default();
@@ -491,7 +500,14 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
             for p in pending {
                 p.answer();
             }
-            wake(shared, &effects.settled);
+            wake(
+                shared,
+                effects
+                    .settled
+                    .iter()
+                    .map(|(target, _)| target)
+                    .chain(&grown),
+            );
         }
         Err(e) => {
             tracing::error!(error = %e, "spool write failed");
@@ -507,7 +523,7 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
             for p in pending {
                 p.fail(&e);
             }
-            wake(shared, &effects.settled);
+            wake(shared, effects.settled.iter().map(|(target, _)| target));
         }
     }
 }
@@ -599,12 +615,13 @@ fn expired_dead(db: &Database, before_ms: u64) -> Result<Vec<u128>, SpoolError> 
 }
 
 /// Tells the schedulers of settled deliveries that their targets may have work again.
-fn wake(shared: &Shared, settled: &[(Arc<str>, u128)]) {
+/// Wakes the schedulers of `targets`, once each.
+fn wake<'a>(shared: &Shared, targets: impl IntoIterator<Item = &'a Arc<str>>) {
     let Some(waker) = lock(&shared.waker).clone() else {
         return;
     };
     let mut seen: Vec<&Arc<str>> = Vec::new();
-    for (target, _) in settled {
+    for target in targets {
         if !seen.contains(&target) {
             seen.push(target);
             waker(target);
