@@ -13,7 +13,9 @@
 # For each: callbacks/s acknowledged, ack latency p50/p99, and the requests the sinks received
 # (must be 3 per acknowledged callback). For switchyard also the time until every delivery has
 # reached the sinks (the sustained rate = acknowledged callbacks / time until the last delivery),
-# and its RSS idle and at peak. Then the ratios against the peer and the ceiling.
+# and its RSS idle and at peak; for each server the CPU time it and the sinks used per callback
+# (steadier than the rates on a machine shared with other work). Then the ratios against the peer
+# and the ceiling.
 #
 # Then a paced run: the peer and switchyard at the same offered rate, PACED callbacks/s — by
 # default the peer's own sustained rate (the lowest of its rounds), the load the ack-latency goal
@@ -110,6 +112,7 @@ $upstreams
         location = /mirror-3 { internal; proxy_pass http://sink3\$request_uri; }
     }"
   BENCH_PIDS+=("$BENCH_NGINX_PID")
+  FRONT_PID=$BENCH_NGINX_PID
 }
 
 # Points BENCH_CALLBACK_URL at a server: bench_sign signs for the gateway's port.
@@ -130,7 +133,17 @@ settled_sink_requests() {
   echo "$now"
 }
 
-declare -A RPS P50 P99 ACKED NON2XX ERRS SINKS SUSTAINED DRAIN_S RSS_IDLE RSS_PEAK PACED_WAIT
+# The CPU the server and the sinks used from the start of the measured run until now, in µs per
+# callback acknowledged in it.
+record_cpu() {
+  local key=$1 cpu1 sink1
+  cpu1=$(bench_pids_cpu_seconds "$SERVER_PID")
+  sink1=$(bench_pids_cpu_seconds "$NGINX_PID")
+  CPU_US[$key]=$(awk -v a="$CPU0" -v b="$cpu1" -v n="$MEASURED_ACKED" 'BEGIN {if (n > 0) printf "%.0f", 1e6 * (b - a) / n; else print "-"}')
+  SINK_US[$key]=$(awk -v a="$SINK_CPU0" -v b="$sink1" -v n="$MEASURED_ACKED" 'BEGIN {if (n > 0) printf "%.0f", 1e6 * (b - a) / n; else print "-"}')
+}
+
+declare -A RPS P50 P99 ACKED NON2XX ERRS SINKS SUSTAINED DRAIN_S RSS_IDLE RSS_PEAK PACED_WAIT CPU_US SINK_US
 
 # run_load KEY [LUA]: warm-up, then the measured wrk run; fills RPS, P50, P99, ACKED, NON2XX, ERRS.
 # run_load KEY [LUA] [RATE]: the warm-up and the measured run. With RATE (the paced run), LUA
@@ -155,6 +168,8 @@ run_load() {
   if ((WARMUP > 0)); then
     warm_acked=$(($(bench_wrk_field "$warm" requests) - $(bench_wrk_field "$warm" non2xx)))
   fi
+  CPU0=$(bench_pids_cpu_seconds "$SERVER_PID")
+  SINK_CPU0=$(bench_pids_cpu_seconds "$NGINX_PID")
   T_LOAD0=$(bench_now)
   bench_wrk "$out" "$DURATION" "$lua"
   T_LOAD1=$(bench_now)
@@ -175,8 +190,10 @@ measure_nginx() {
   local name=$1 port=$2 round=$3 key="$1.$3" lua=${4:-$LUA} rate=${5:-0} sinks0 sinks1
   bench_log "$name (round $round): ${WARMUP}s warm-up + ${DURATION}s, $THREADS threads, $CONNECTIONS connections"
   aim_at "$port"
+  SERVER_PID=$FRONT_PID
   sinks0=$(settled_sink_requests)
   run_load "$key" "$lua" "$rate"
+  record_cpu "$key"
   sinks1=$(settled_sink_requests)
   # Each stub_status request counts itself.
   SINKS[$key]=$((sinks1 - sinks0 - 1))
@@ -190,6 +207,7 @@ measure_switchyard() {
   bench_log "switchyard, --spool redb (round $round): ${WARMUP}s warm-up + ${DURATION}s, $THREADS threads, $CONNECTIONS connections"
   aim_at "$GW_PORT"
   bench_start_gateway redb "$data"
+  SERVER_PID=$GW_PID
   sleep 1
   read -r "RSS_IDLE[$key]" _ < <(bench_rss)
   local rss_file="$BENCH_OUT/rss-fanout-$round.txt"
@@ -208,6 +226,7 @@ measure_switchyard() {
     sleep 0.05
   done
   bench_perf_stop
+  record_cpu "$key"
   [[ -n "$t_done" ]] || bench_log "WARNING: $depth deliveries still queued after ${DRAIN_TIMEOUT}s"
   sinks1=$(settled_sink_requests)
   SINKS[$key]=$((sinks1 - sinks0 - 1))
@@ -283,8 +302,10 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
   echo
   echo "(sustained = callbacks acknowledged in the measured run / time from its start until the sinks"
   echo " had every delivery; for nginx the answer waits for the sinks, so it is the ack rate."
-  echo " deliveries = requests the sinks got / 3 x callbacks acknowledged, warm-up included)"
-  printf '%-11s %5s %12s %12s %9s %9s %8s %22s %9s %9s %9s\n' server round callbacks/s sustained/s p50_ms p99_ms non2xx deliveries drain_s idle_mib peak_mib
+  echo " deliveries = requests the sinks got / 3 x callbacks acknowledged, warm-up included;"
+  echo " cpu_us, sinks_us = CPU time of the server, of the sinks, per callback acknowledged, from the"
+  echo " start of the measured run until the sinks had every delivery)"
+  printf '%-11s %5s %12s %12s %9s %9s %8s %22s %9s %9s %9s %7s %8s\n' server round callbacks/s sustained/s p50_ms p99_ms non2xx deliveries drain_s idle_mib peak_mib cpu_us sinks_us
   for round in $(seq 1 "$ROUNDS"); do
     for server in $SERVERS; do
       k="$server.$round"
@@ -300,8 +321,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
         idle=$(mib "${RSS_IDLE[$k]}")
         peak=$(mib "${RSS_PEAK[$k]}")
       fi
-      printf '%-11s %5s %12s %12s %9s %9s %8s %22s %9s %9s %9s\n' "$server" "$round" "${RPS[$k]}" "${SUSTAINED[$k]}" \
-        "${P50[$k]}" "${P99[$k]}" "${NON2XX[$k]}" "$delivered" "${DRAIN_S[$k]}" "$idle" "$peak"
+      printf '%-11s %5s %12s %12s %9s %9s %8s %22s %9s %9s %9s %7s %8s\n' "$server" "$round" "${RPS[$k]}" "${SUSTAINED[$k]}" \
+        "${P50[$k]}" "${P99[$k]}" "${NON2XX[$k]}" "$delivered" "${DRAIN_S[$k]}" "$idle" "$peak" "${CPU_US[$k]}" "${SINK_US[$k]}"
     done
   done
   if [[ " $SERVERS " == *" switchyard "* ]]; then
@@ -311,6 +332,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
       line="round $round: switchyard sustained"
       [[ " $SERVERS " == *" peer "* ]] && line+=" / peer: $(ratio "${SUSTAINED[$s]}" "${SUSTAINED[peer.$round]}") (goal >= 1.0)"
       [[ " $SERVERS " == *" ceiling "* ]] && line+=", / ceiling: $(ratio "${SUSTAINED[$s]}" "${RPS[ceiling.$round]}")"
+      [[ " $SERVERS " == *" peer "* ]] && line+="; CPU per callback / peer's: $(ratio "${CPU_US[$s]}" "${CPU_US[peer.$round]}")"
       line+="; ack p99 ${P99[$s]} ms (goal <= 5)"
       [[ " $SERVERS " == *" peer "* ]] && line+=", peer's ${P99[peer.$round]} ms"
       line+="; RSS peak $(mib "${RSS_PEAK[$s]}") MiB (goal <= 64), idle $(mib "${RSS_IDLE[$s]}") MiB (goal <= 20)"
@@ -321,14 +343,14 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
     echo
     echo "paced at $PACED callbacks/s ($PACED_FROM): each connection waits between an answer and its next request,"
     echo "the wait tuned after the warm-up so the offered rate is $PACED/s (wait_ms; a server that cannot carry it falls short)"
-    printf '%-11s %8s %12s %12s %9s %9s %22s %9s\n' server wait_ms callbacks/s sustained/s p50_ms p99_ms deliveries peak_mib
+    printf '%-11s %8s %12s %12s %9s %9s %22s %9s %7s %8s\n' server wait_ms callbacks/s sustained/s p50_ms p99_ms deliveries peak_mib cpu_us sinks_us
     for server in "${PACED_RUNS[@]}"; do
       k="$server.paced"
       expected=$((ACKED[$k] * BENCH_FANOUT))
       ((SINKS[$k] >= expected)) || LOST=1
       peak="-"
       [[ $server == switchyard ]] && peak=$(mib "${RSS_PEAK[$k]}")
-      printf '%-11s %8s %12s %12s %9s %9s %22s %9s\n' "$server" "${PACED_WAIT[$k]:-$PACED_DELAY}" "${RPS[$k]}" "${SUSTAINED[$k]}" "${P50[$k]}" "${P99[$k]}" "${SINKS[$k]}/$expected" "$peak"
+      printf '%-11s %8s %12s %12s %9s %9s %22s %9s %7s %8s\n' "$server" "${PACED_WAIT[$k]:-$PACED_DELAY}" "${RPS[$k]}" "${SUSTAINED[$k]}" "${P50[$k]}" "${P99[$k]}" "${SINKS[$k]}/$expected" "$peak" "${CPU_US[$k]}" "${SINK_US[$k]}"
     done
     if [[ -n "${RPS[switchyard.paced]:-}" ]]; then
       echo "paced: switchyard ack p99 ${P99[switchyard.paced]} ms at ${RPS[switchyard.paced]} callbacks/s (goal <= 5 ms at the peer's rate)"

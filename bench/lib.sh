@@ -420,6 +420,22 @@ bench_reset_hwm() {
   { echo 5 >"/proc/$GW_PID/clear_refs"; } 2>/dev/null
 }
 
+# bench_pids_cpu_seconds PID...: CPU seconds (user + system) the processes and their children
+# (nginx's workers) have used so far.
+bench_pids_cpu_seconds() {
+  local files=() f ppid p
+  for p in "$@"; do
+    [[ -r "/proc/$p/stat" ]] && files+=("/proc/$p/stat")
+  done
+  for f in /proc/[0-9]*/stat; do
+    { read -r _ _ _ ppid _ <"$f"; } 2>/dev/null || continue
+    for p in "$@"; do
+      [[ "$ppid" == "$p" ]] && files+=("$f")
+    done
+  done
+  { cat "${files[@]}" 2>/dev/null || true; } | awk -v hz="$BENCH_HZ" '{t += $14 + $15} END {printf "%.2f\n", t / hz}'
+}
+
 # CPU seconds (user + system) the gateway has used.
 bench_cpu_seconds() {
   awk -v hz="$BENCH_HZ" '{printf "%.2f\n", ($14 + $15) / hz}' "/proc/$GW_PID/stat"
