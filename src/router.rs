@@ -10,7 +10,7 @@ use rhai::{Dynamic, ImmutableString, Map};
 use crate::delivery::Delivery;
 use crate::dialect::Callback;
 use crate::rules::{Route, RuleSet};
-use crate::script::{self, RunError, ScriptEngine, Stage, TransformOutput, Vars};
+use crate::script::{self, Constants, RunError, ScriptEngine, Stage, TransformOutput, Vars};
 
 /// What one route made of a callback.
 #[derive(Debug)]
@@ -235,16 +235,17 @@ fn scope_vars(callback: &Callback) -> Result<Vars, RunError> {
         }
         map
     };
-    Ok(Vars {
+    Ok(Vars::new(
         body,
-        command: callback.command.as_str().into(),
-        source: (&*callback.source.name).into(),
-        dialect: callback.source.dialect.as_str().into(),
-        app_id: callback.app_id.as_str().into(),
-        query: to_map(&callback.query),
-        headers: to_map(&callback.headers),
-        event_id: (&*callback.event_id).into(),
-        received_at: callback.received_at as i64,
-        prepared: Default::default(),
-    })
+        Constants {
+            command: callback.command.as_str().into(),
+            source: (&*callback.source.name).into(),
+            dialect: callback.source.dialect.as_str().into(),
+            app_id: callback.app_id.as_str().into(),
+            query: to_map(&callback.query),
+            headers: to_map(&callback.headers),
+            event_id: (&*callback.event_id).into(),
+            received_at: callback.received_at as i64,
+        },
+    ))
 }

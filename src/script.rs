@@ -168,10 +168,18 @@ pub const SCOPE_NAMES: [&str; 9] = [
 /// and its HTTP status.
 pub const RESPONSE_NAMES: [&str; 2] = ["response", "status"];
 
-/// The values of the scope for one callback.
+/// The scope scripts see for one callback: `body`, and the callback's constants.
 #[derive(Debug)]
 pub struct Vars {
     pub body: Dynamic,
+    /// The constants as a scope, shared by every script run on the callback. Scripts cannot
+    /// change constants, and what a script declares is removed after it, so each script still
+    /// sees the callback as it came; only `body`, which scripts may change, is copied for each.
+    constants: Mutex<Scope<'static>>,
+}
+
+/// The callback's values scripts read besides `body` (SPEC's scope table).
+pub struct Constants {
     pub command: ImmutableString,
     pub source: ImmutableString,
     pub dialect: ImmutableString,
@@ -180,41 +188,37 @@ pub struct Vars {
     pub headers: Map,
     pub event_id: ImmutableString,
     pub received_at: i64,
-    /// The scope of the constants, built for the first script and kept for the next ones.
-    pub prepared: Prepared,
 }
 
-/// A callback's constants as a scope, reused by every script run on the callback. Scripts cannot
-/// change constants, and what a script declares is removed after it, so each script still sees
-/// the callback as it came; only `body`, which scripts may change, is copied for each.
-#[derive(Debug, Default)]
-pub struct Prepared(Mutex<Option<Scope<'static>>>);
-
 impl Vars {
+    pub fn new(body: Dynamic, c: Constants) -> Vars {
+        let mut scope = Scope::with_capacity(SCOPE_NAMES.len() + RESPONSE_NAMES.len() + 8);
+        scope
+            .push_constant("command", c.command)
+            .push_constant("source", c.source)
+            .push_constant("dialect", c.dialect)
+            .push_constant("app_id", c.app_id)
+            .push_constant("query", c.query)
+            .push_constant("headers", c.headers)
+            .push_constant("event_id", c.event_id)
+            .push_constant("received_at", c.received_at);
+        Vars {
+            body,
+            constants: Mutex::new(scope),
+        }
+    }
+
     /// Runs `f` with the scope for one script: the constants, then `body` and `extra`.
     fn with_scope<R>(
         &self,
         extra: impl FnOnce(&mut Scope<'static>),
         f: impl FnOnce(&mut Scope<'static>) -> R,
     ) -> R {
-        let mut slot = self.prepared.0.lock().unwrap_or_else(|e| e.into_inner());
-        let scope = slot.get_or_insert_with(|| {
-            let mut scope = Scope::with_capacity(SCOPE_NAMES.len() + RESPONSE_NAMES.len() + 8);
-            scope
-                .push_constant("command", self.command.clone())
-                .push_constant("source", self.source.clone())
-                .push_constant("dialect", self.dialect.clone())
-                .push_constant("app_id", self.app_id.clone())
-                .push_constant("query", self.query.clone())
-                .push_constant("headers", self.headers.clone())
-                .push_constant("event_id", self.event_id.clone())
-                .push_constant("received_at", self.received_at);
-            scope
-        });
+        let mut scope = self.constants.lock().unwrap_or_else(|e| e.into_inner());
         let constants = scope.len();
         scope.push("body", self.body.clone());
-        extra(scope);
-        let result = f(scope);
+        extra(&mut scope);
+        let result = f(&mut scope);
         scope.rewind(constants);
         result
     }
@@ -531,18 +535,19 @@ mod tests {
     }
 
     fn vars(body: &str) -> Vars {
-        Vars {
-            body: json_to_dynamic(body.as_bytes()).unwrap(),
-            command: "Profile.CallbackPortraitSet".into(),
-            source: "tencent-im".into(),
-            dialect: "tencent".into(),
-            app_id: "1400000000".into(),
-            query: Map::new(),
-            headers: Map::new(),
-            event_id: "ev-1".into(),
-            received_at: 1,
-            prepared: Default::default(),
-        }
+        Vars::new(
+            json_to_dynamic(body.as_bytes()).unwrap(),
+            Constants {
+                command: "Profile.CallbackPortraitSet".into(),
+                source: "tencent-im".into(),
+                dialect: "tencent".into(),
+                app_id: "1400000000".into(),
+                query: Map::new(),
+                headers: Map::new(),
+                event_id: "ev-1".into(),
+                received_at: 1,
+            },
+        )
     }
 
     #[test]
