@@ -136,11 +136,10 @@ settled_sink_requests() {
 # The CPU the server and the sinks used from the start of the measured run until now, in µs per
 # callback acknowledged in it.
 record_cpu() {
-  local key=$1 cpu1 sink1
-  cpu1=$(bench_pids_cpu_seconds "$SERVER_PID")
-  sink1=$(bench_pids_cpu_seconds "$NGINX_PID")
-  CPU_US[$key]=$(awk -v a="$CPU0" -v b="$cpu1" -v n="$MEASURED_ACKED" 'BEGIN {if (n > 0) printf "%.0f", 1e6 * (b - a) / n; else print "-"}')
-  SINK_US[$key]=$(awk -v a="$SINK_CPU0" -v b="$sink1" -v n="$MEASURED_ACKED" 'BEGIN {if (n > 0) printf "%.0f", 1e6 * (b - a) / n; else print "-"}')
+  local key=$1
+  per_callback() { awk -v a="$1" -v b="$2" -v n="$MEASURED_ACKED" 'BEGIN {if (n > 0) printf "%.0f", 1e6 * (b - a) / n; else print "-"}'; }
+  CPU_US[$key]=$(per_callback "$CPU0" "$(bench_pids_cpu_seconds "$SERVER_PID")")
+  SINK_US[$key]=$(per_callback "$SINK_CPU0" "$(bench_pids_cpu_seconds "$NGINX_PID")")
 }
 
 declare -A RPS P50 P99 ACKED NON2XX ERRS SINKS SUSTAINED DRAIN_S RSS_IDLE RSS_PEAK PACED_WAIT CPU_US SINK_US

@@ -129,7 +129,7 @@ impl Ingress {
             tracing::debug!(event_id = %callback.event_id, source = %source.name, command = %callback.command, "no route matched");
             return json(StatusCode::OK, dialect::ack(kind, &callback.event_id));
         }
-        let targets: Vec<Arc<str>> = deliveries.iter().map(|d| d.target.clone()).collect();
+        let queued = deliveries.len();
         let outcome = if deliveries.is_empty() && responder.is_none() {
             "unrouted"
         } else {
@@ -138,13 +138,10 @@ impl Ingress {
         let batch = Batch { deliveries, dead };
         let store = async {
             if batch.deliveries.is_empty() && batch.dead.is_empty() {
-                return Ok::<(), crate::spool::SpoolError>(());
+                return Ok(());
             }
-            self.spool.enqueue(batch).await?;
-            // At once, not after the synchronous ask: the sender may hang up meanwhile, and this
-            // request with it. (The redb spool also wakes them itself, from its commit.)
-            self.deliverer.kick(&targets);
-            Ok(())
+            // The spool wakes the targets' schedulers itself once the deliveries are stored.
+            self.spool.enqueue(batch).await
         };
         // The synchronous answer is asked for while the other routes' copies are stored.
         let deadline = started + source.respond_timeout;
@@ -179,7 +176,7 @@ impl Ingress {
         count(&source.name, &command, outcome);
         tracing::debug!(
             event_id = %callback.event_id, source = %source.name, command = %callback.command,
-            deliveries = targets.len(), "callback accepted"
+            deliveries = queued, "callback accepted"
         );
         let Some(responder) = responder else {
             return json(StatusCode::OK, dialect::ack(kind, &callback.event_id));

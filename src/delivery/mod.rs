@@ -140,7 +140,7 @@ impl Deliverer {
             attempts: TaskTracker::new(),
         });
         let weak = Arc::downgrade(&deliverer);
-        deliverer.spool.on_settled(Arc::new(move |target: &str| {
+        deliverer.spool.on_ready(Arc::new(move |target: &str| {
             if let Some(d) = weak.upgrade() {
                 if let Some(w) = d.existing_worker(target) {
                     w.wake.notify_one();
@@ -161,19 +161,9 @@ impl Deliverer {
         }
     }
 
-    /// Wakes the schedulers of the targets of freshly queued deliveries.
     /// The process's outbound client (synchronous routes use it too).
     pub fn client(&self) -> &client::HttpClient {
         &self.client
-    }
-
-    pub fn kick(self: &Arc<Self>, targets: &[Arc<str>]) {
-        for (i, target) in targets.iter().enumerate() {
-            if targets[..i].iter().any(|t| t == target) {
-                continue;
-            }
-            self.worker(target).wake.notify_one();
-        }
     }
 
     fn worker(self: &Arc<Self>, name: &Arc<str>) -> Arc<Worker> {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Batch, BoxFuture, DeadLetter, DeadQuery, Spool, SpoolError, TargetStats};
+use super::{Batch, BoxFuture, DeadLetter, DeadQuery, Spool, SpoolError, TargetStats, Waker};
 use crate::delivery::Delivery;
 
 /// Bytes counted per delivery beside its body (ids, names, bookkeeping).
@@ -34,6 +34,7 @@ pub struct MemorySpool {
     used: AtomicU64,
     limit: u64,
     seq: AtomicU64,
+    waker: Mutex<Option<Waker>>,
 }
 
 fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {
@@ -47,6 +48,15 @@ impl MemorySpool {
             used: AtomicU64::new(0),
             limit: limit_bytes,
             seq: AtomicU64::new(0),
+            waker: Mutex::new(None),
+        }
+    }
+
+    /// Wakes the schedulers of the targets of just-stored deliveries.
+    fn wake(&self, targets: &[Arc<str>]) {
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(waker) = waker {
+            super::wake_each(&waker, targets);
         }
     }
 
@@ -103,6 +113,7 @@ impl Spool for MemorySpool {
         if let Err(e) = self.reserve(cost) {
             return ready(Err(e));
         }
+        let targets: Vec<Arc<str>> = batch.deliveries.iter().map(|d| d.target.clone()).collect();
         let mut state = self.lock();
         for d in batch.deliveries {
             self.push(&mut state, d);
@@ -111,6 +122,8 @@ impl Spool for MemorySpool {
             state.dead_labels.insert(letter.target_label().to_string());
             state.dead.insert(letter.id.to_string(), letter);
         }
+        drop(state);
+        self.wake(&targets);
         ready(Ok(()))
     }
 
@@ -218,9 +231,12 @@ impl Spool for MemorySpool {
             return ready(Err(e));
         }
         state.dead.remove(id);
+        let targets: Vec<Arc<str>> = deliveries.iter().map(|d| d.target.clone()).collect();
         for d in deliveries {
             self.push(&mut state, d);
         }
+        drop(state);
+        self.wake(&targets);
         ready(Ok(true))
     }
 
@@ -259,5 +275,9 @@ impl Spool for MemorySpool {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
         ready(Ok(()))
+    }
+
+    fn on_ready(&self, waker: Waker) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker);
     }
 }

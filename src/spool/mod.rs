@@ -235,11 +235,24 @@ pub trait Spool: Send + Sync + 'static {
     /// Waits until every change handed to the spool so far is stored.
     fn flush(&self) -> BoxFuture<'_, Result<(), SpoolError>>;
 
-    /// Registers what to call, with a target's name, when deliveries of that target that were
-    /// in flight have been settled (stored as delivered, retried or dead) and the target may have
-    /// work again. A spool that settles synchronously never needs to call it.
-    fn on_settled(&self, _waker: Waker) {}
+    /// Registers what to call, with a target's name, when the target may have work again: new
+    /// deliveries of it are stored (enqueued or revived), or deliveries of it that were in flight
+    /// have been settled (stored as delivered, retried or dead). The spool calls it itself, once
+    /// the change is stored, so the wake-up does not depend on the caller still waiting for it
+    /// (a request whose sender hung up is dropped).
+    fn on_ready(&self, waker: Waker);
 }
 
-/// See [`Spool::on_settled`].
+/// See [`Spool::on_ready`].
 pub type Waker = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Calls `waker` once for each distinct target among `targets`.
+pub(crate) fn wake_each<'a>(waker: &Waker, targets: impl IntoIterator<Item = &'a Arc<str>>) {
+    let mut seen: Vec<&Arc<str>> = Vec::new();
+    for target in targets {
+        if !seen.contains(&target) {
+            seen.push(target);
+            waker(target);
+        }
+    }
+}

@@ -461,7 +461,7 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
             }
             // Targets with new deliveries are woken from here, not by whoever stored them: a
             // request dropped while its commit was on the way (the sender hung up) would
-            // otherwise leave them asleep.
+            // otherwise leave them asleep (see `Spool::on_ready`).
             let grown: Vec<Arc<str>> = effects
                 .queued
                 .iter()
@@ -617,15 +617,8 @@ fn expired_dead(db: &Database, before_ms: u64) -> Result<Vec<u128>, SpoolError> 
 /// Tells the schedulers of settled deliveries that their targets may have work again.
 /// Wakes the schedulers of `targets`, once each.
 fn wake<'a>(shared: &Shared, targets: impl IntoIterator<Item = &'a Arc<str>>) {
-    let Some(waker) = lock(&shared.waker).clone() else {
-        return;
-    };
-    let mut seen: Vec<&Arc<str>> = Vec::new();
-    for target in targets {
-        if !seen.contains(&target) {
-            seen.push(target);
-            waker(target);
-        }
+    if let Some(waker) = lock(&shared.waker).clone() {
+        super::wake_each(&waker, targets);
     }
 }
 
@@ -1092,7 +1085,7 @@ impl Spool for RedbSpool {
         self.call(Op::Flush)
     }
 
-    fn on_settled(&self, waker: Waker) {
+    fn on_ready(&self, waker: Waker) {
         *lock(&self.shared.waker) = Some(waker);
     }
 }
