@@ -48,7 +48,7 @@ fn callback(source: &Arc<Source>, query: &str, headers: &HeaderMap) -> Callback 
     let request = Request::new(query, "", headers);
     dialect::parse(
         source,
-        &request,
+        request,
         Bytes::from_static(BODY.as_bytes()),
         "01900000-0000-7000-8000-000000000000".into(),
         1_700_000_000_000,
@@ -101,7 +101,7 @@ fn benches(c: &mut Criterion) {
             black_box(
                 dialect::parse(
                     &source,
-                    &request,
+                    request,
                     Bytes::from_static(BODY.as_bytes()),
                     "01900000-0000-7000-8000-000000000000".into(),
                     1_700_000_000_000,

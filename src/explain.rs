@@ -68,7 +68,7 @@ pub fn explain(
         Err(r) => json!({"ok": false, "status": r.status.as_u16(), "reason": r.reason}),
     };
     let event_id: Arc<str> = "explain".into();
-    let callback = dialect::parse(source, &request, input.body, event_id, now).map_err(|r| {
+    let callback = dialect::parse(source, request, input.body, event_id, now).map_err(|r| {
         ExplainError::Rejected {
             dialect: source.dialect.as_str(),
             status: r.status.as_u16(),
@@ -167,7 +167,7 @@ fn report(
     json!({
         "source": &*callback.source.name,
         "dialect": callback.source.dialect.as_str(),
-        "command": callback.command,
+        "command": &*callback.command,
         "app_id": callback.app_id,
         "authorization": authorization,
         "rules_generation": rules.generation,

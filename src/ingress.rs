@@ -48,7 +48,7 @@ impl Ingress {
         let source = source.clone();
         let suffix = suffix.to_string();
         let response = self.accept(&rules, &source, &suffix, req, started).await;
-        metrics::histogram!(m::ACK_DURATION, "source" => source.name.to_string())
+        metrics::histogram!(m::ACK_DURATION, "source" => source.name.clone())
             .record(started.elapsed().as_secs_f64());
         response
     }
@@ -67,7 +67,7 @@ impl Ingress {
                 source = %source.name, status = rejection.status.as_u16(),
                 reason = %rejection.reason, "callback rejected"
             );
-            count(&source.name, "", rejection.outcome());
+            count(source.name.clone(), "", rejection.outcome());
             reject(kind, &rejection)
         };
         if req.method() != Method::POST {
@@ -99,7 +99,7 @@ impl Ingress {
             Err(rejection) => return refuse(rejection),
         };
         let event_id: Arc<str> = uuid::Uuid::now_v7().to_string().into();
-        let callback = match dialect::parse(source, &request, body, event_id, received_at) {
+        let callback = match dialect::parse(source, request, body, event_id, received_at) {
             Ok(c) => c,
             Err(rejection) => return refuse(rejection),
         };
@@ -125,7 +125,7 @@ impl Ingress {
         let responder = routing.responder(&callback);
         let command = m::command_label(&callback.command);
         if responder.is_none() && deliveries.is_empty() && dead.is_empty() {
-            count(&source.name, &command, "unrouted");
+            count(source.name.clone(), command.clone(), "unrouted");
             tracing::debug!(event_id = %callback.event_id, source = %source.name, command = %callback.command, "no route matched");
             return json(StatusCode::OK, dialect::ack(kind, &callback.event_id));
         }
@@ -164,7 +164,7 @@ impl Ingress {
                 event_id = %callback.event_id, source = %source.name, error = %e,
                 "cannot store the deliveries; answering 503"
             );
-            count(&source.name, &command, "unavailable");
+            count(source.name.clone(), command.clone(), "unavailable");
             return reject(
                 kind,
                 &Rejection::new(
@@ -173,7 +173,7 @@ impl Ingress {
                 ),
             );
         }
-        count(&source.name, &command, outcome);
+        count(source.name.clone(), command.clone(), outcome);
         tracing::debug!(
             event_id = %callback.event_id, source = %source.name, command = %callback.command,
             deliveries = queued, "callback accepted"
@@ -195,7 +195,7 @@ impl Ingress {
         let target = route.to.first().map(|t| t.to_string()).unwrap_or_default();
         metrics::counter!(
             m::DELIVERIES,
-            "route" => route.name.to_string(),
+            "route" => route.name.clone(),
             "target" => target.clone(),
             "outcome" => answer.outcome
         )
@@ -260,11 +260,16 @@ fn count_script_error(route: &str, error: &RunError) {
     .increment(1);
 }
 
-fn count(source: &str, command: &str, outcome: &'static str) {
+/// Labels are shared strings (the source's name, `m::command_label`), not copied per callback.
+fn count(
+    source: impl Into<metrics::SharedString>,
+    command: impl Into<metrics::SharedString>,
+    outcome: &'static str,
+) {
     metrics::counter!(
         m::CALLBACKS,
-        "source" => source.to_string(),
-        "command" => command.to_string(),
+        "source" => source,
+        "command" => command,
         "outcome" => outcome
     )
     .increment(1);

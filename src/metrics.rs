@@ -1,7 +1,7 @@
 //! Metric names (the contract of SPEC §7) and the Prometheus recorder.
 
 use std::collections::HashSet;
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -93,27 +93,30 @@ const MAX_COMMAND_LABELS: usize = 1000;
 
 /// The `command` label for a command: itself when it looks like a command name and the label
 /// budget allows, else "other" ("" stays "").
-pub fn command_label(command: &str) -> String {
-    static SEEN: OnceLock<RwLock<HashSet<String>>> = OnceLock::new();
+/// Labels already in use are shared, not copied, on every callback.
+pub fn command_label(command: &str) -> Arc<str> {
+    static SEEN: OnceLock<RwLock<HashSet<Arc<str>>>> = OnceLock::new();
+    static OTHER: OnceLock<Arc<str>> = OnceLock::new();
+    let other = || OTHER.get_or_init(|| "other".into()).clone();
     let plausible = command.len() <= 100
         && command
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'));
     if !plausible {
-        return "other".to_string();
+        return other();
     }
     let seen = SEEN.get_or_init(|| RwLock::new(HashSet::new()));
-    if seen
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(command)
-    {
-        return command.to_string();
+    if let Some(label) = seen.read().unwrap_or_else(|e| e.into_inner()).get(command) {
+        return label.clone();
     }
     let mut seen = seen.write().unwrap_or_else(|e| e.into_inner());
-    if seen.len() >= MAX_COMMAND_LABELS {
-        return "other".to_string();
+    if let Some(label) = seen.get(command) {
+        return label.clone();
     }
-    seen.insert(command.to_string());
-    command.to_string()
+    if seen.len() >= MAX_COMMAND_LABELS {
+        return other();
+    }
+    let label: Arc<str> = command.into();
+    seen.insert(label.clone());
+    label
 }

@@ -238,7 +238,7 @@ fn scope_vars(callback: &Callback) -> Result<Vars, RunError> {
     Ok(Vars::new(
         body,
         Constants {
-            command: callback.command.as_str().into(),
+            command: (&*callback.command).into(),
             source: (&*callback.source.name).into(),
             dialect: callback.source.dialect.as_str().into(),
             app_id: callback.app_id.as_str().into(),

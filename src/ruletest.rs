@@ -323,7 +323,7 @@ fn perform(rules: &RuleSet, engine: &ScriptEngine, case: &Case) -> Result<Actual
         return Ok(rejected(crate::ingress::too_large(source.max_body)));
     }
     let event_id: Arc<str> = EVENT_ID.into();
-    let callback = match dialect::parse(source, &request, spec.body.clone(), event_id, now) {
+    let callback = match dialect::parse(source, request, spec.body.clone(), event_id, now) {
         Ok(c) => c,
         Err(rejection) => return Ok(rejected(rejection)),
     };

@@ -67,7 +67,7 @@ impl Delivery {
             id: uuid::Uuid::now_v7().to_string().into(),
             event_id: callback.event_id.clone(),
             source: callback.source.name.clone(),
-            command: callback.command.as_str().into(),
+            command: callback.command.clone(),
             route,
             target,
             content_type,
@@ -355,7 +355,7 @@ impl Deliverer {
         let prepared = client::prepare(target, &delivery, now_ms() / 1000);
         let outcome = client::send(&self.client, target, prepared).await;
         delivery.attempts += 1;
-        metrics::histogram!(m::DELIVERY_DURATION, "target" => delivery.target.to_string())
+        metrics::histogram!(m::DELIVERY_DURATION, "target" => delivery.target.clone())
             .record(started.elapsed().as_secs_f64());
         match retry::classify(&outcome, delivery.attempts, &target.retry) {
             Disposition::Delivered => {
@@ -443,8 +443,8 @@ fn has_free_slot(worker: &Worker, rules: &RuleSet) -> bool {
 fn count(delivery: &Delivery, outcome: &'static str) {
     metrics::counter!(
         m::DELIVERIES,
-        "route" => delivery.route.to_string(),
-        "target" => delivery.target.to_string(),
+        "route" => delivery.route.clone(),
+        "target" => delivery.target.clone(),
         "outcome" => outcome
     )
     .increment(1);

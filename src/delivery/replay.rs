@@ -127,7 +127,7 @@ fn through_route(
         event_id: letter.event_id.clone(),
         received_at: record.received_at,
         source: source.clone(),
-        command: letter.command.to_string(),
+        command: letter.command.clone(),
         app_id: record.app_id.clone(),
         query: record.query.clone(),
         headers: record.headers.clone(),

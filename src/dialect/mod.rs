@@ -51,7 +51,7 @@ pub struct Callback {
     pub received_at: u64,
     pub source: Arc<Source>,
     /// `""` when the callback has none.
-    pub command: String,
+    pub command: Arc<str>,
     /// Tencent `SdkAppid`, `""` otherwise.
     pub app_id: String,
     /// Every query parameter, in order.
@@ -176,25 +176,26 @@ pub fn authorize(source: &Source, req: &Request<'_>, now_secs: u64) -> Result<()
 /// Builds the callback from an authorized request and its body.
 pub fn parse(
     source: &Arc<Source>,
-    req: &Request<'_>,
+    req: Request<'_>,
     body: Bytes,
     event_id: Arc<str>,
     received_at: u64,
 ) -> Result<Callback, Rejection> {
     check_json(&body)?;
     let (command, app_id) = match source.dialect {
-        DialectKind::Tencent => tencent::command(req, &body)?,
-        DialectKind::OpenIm => (openim::command(req, &body)?, String::new()),
-        DialectKind::Generic => (generic::command(source, req, &body)?, String::new()),
+        DialectKind::Tencent => tencent::command(&req, &body)?,
+        DialectKind::OpenIm => (openim::command(&req, &body)?, String::new()),
+        DialectKind::Generic => (generic::command(source, &req, &body)?, String::new()),
     };
+    let headers = req.header_pairs();
     Ok(Callback {
         event_id,
         received_at,
         source: source.clone(),
-        command,
+        command: command.into(),
         app_id,
-        query: req.query.clone(),
-        headers: req.header_pairs(),
+        query: req.query,
+        headers,
         // Copied for the same reason as the body: not to pin the connection's read buffer.
         content_type: req
             .headers

@@ -129,7 +129,7 @@ impl DeadLetter {
             id: uuid::Uuid::now_v7().to_string().into(),
             event_id: callback.event_id.clone(),
             source: callback.source.name.clone(),
-            command: callback.command.as_str().into(),
+            command: callback.command.clone(),
             route,
             target: None,
             reason,

@@ -12,7 +12,7 @@
 //! first of `pending` the oldest of the others — and `dead` (id → dead letter). Deliveries handed to a scheduler are "in flight" only in memory:
 //! after a crash they are simply due again (at-least-once, same `webhook-id`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -23,6 +23,8 @@ use ::redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
     WriteTransaction,
 };
+// Keys are target names from the rules and the gateway's own ids: no hash flooding to guard.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use tokio::sync::oneshot;
 
 use super::codec;
@@ -185,11 +187,11 @@ impl RedbSpool {
 
         let (queued, dead) = count_entries(&db)?;
         let shared = Arc::new(Shared {
-            in_flight: Mutex::new(HashMap::new()),
-            unreadable: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::default()),
+            unreadable: Mutex::new(HashSet::default()),
             queued: Mutex::new(queued),
-            fresh: Mutex::new(HashMap::new()),
-            cursors: Mutex::new(HashMap::new()),
+            fresh: Mutex::new(HashMap::default()),
+            cursors: Mutex::new(HashMap::default()),
             dead: Mutex::new(dead),
             used: AtomicU64::new(used),
             limit: limit_bytes,
@@ -306,7 +308,7 @@ type Counts = (HashMap<Arc<str>, u64>, HashMap<String, u64>);
 
 fn count_entries(db: &Database) -> Result<Counts, SpoolError> {
     let txn = db.begin_read().map_err(storage)?;
-    let mut queued: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut queued: HashMap<Arc<str>, u64> = HashMap::default();
     let queue = txn.open_table(PENDING).map_err(storage)?;
     let mut last: Option<Arc<str>> = None;
     for entry in queue.iter().map_err(storage)? {
@@ -322,7 +324,7 @@ fn count_entries(db: &Database) -> Result<Counts, SpoolError> {
         };
         *queued.entry(name).or_default() += 1;
     }
-    let mut dead: HashMap<String, u64> = HashMap::new();
+    let mut dead: HashMap<String, u64> = HashMap::default();
     let table = txn.open_table(DEAD).map_err(storage)?;
     for entry in table.iter().map_err(storage)? {
         let (_, value) = entry.map_err(storage)?;
@@ -574,11 +576,11 @@ fn cache_stored(
         return;
     }
     // Per target: how many this group stored.
-    let mut added: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut added: HashMap<Arc<str>, u64> = HashMap::default();
     for d in &stored {
         *added.entry(d.target.clone()).or_default() += 1;
     }
-    let mut ok: HashMap<Arc<str>, bool> = HashMap::new();
+    let mut ok: HashMap<Arc<str>, bool> = HashMap::default();
     for (target, n) in &added {
         let (q, i, f) = counts(in_flight, queued, fresh, target);
         // Complete before this group, and room for all of it.
@@ -1231,7 +1233,7 @@ mod tests {
         drop(spool);
         // Reopened: nothing cached, the windows and the cursor do the work.
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::default();
         let mut expected: HashSet<Arc<str>> = backlog.iter().map(|d| d.id.clone()).collect();
         let mut round = 0u64;
         loop {
