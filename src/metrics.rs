@@ -120,3 +120,22 @@ pub fn command_label(command: &str) -> Arc<str> {
     seen.insert(label.clone());
     label
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_label_is_the_command_shared_or_other() {
+        let first = command_label("Group.CallbackAfterGroupInfoChanged");
+        assert_eq!(&*first, "Group.CallbackAfterGroupInfoChanged");
+        let again = command_label("Group.CallbackAfterGroupInfoChanged");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "a known label is shared, not copied"
+        );
+        assert_eq!(&*command_label("a command with spaces"), "other");
+        assert_eq!(&*command_label(&"x".repeat(101)), "other");
+        assert_eq!(&*command_label(""), "");
+    }
+}
