@@ -328,59 +328,70 @@ fn one_target(url: &str, target_extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_and_408_are_retried_until_delivered() {
-    let sink = Sink::start().await;
-    sink.script(vec![
-        Answer::status(500),
-        Answer::status(503),
-        Answer::status(408),
-    ]);
-    let rules = RulesDir::new();
-    rules.write(
-        "r.yaml",
-        &one_target(&sink.url(), &format!("retry: {FAST_RETRY}")),
-    );
-    let gw = Gateway::start(rules.path());
-    acked_event_id(&post_json(&gw.url("/hooks/g"), r#"{"type":"x"}"#).await);
+    // With either spool: a retry wakes its target when it falls due.
+    for spool in ["redb", "memory"] {
+        let sink = Sink::start().await;
+        sink.script(vec![
+            Answer::status(500),
+            Answer::status(503),
+            Answer::status(408),
+        ]);
+        let rules = RulesDir::new();
+        rules.write(
+            "r.yaml",
+            &one_target(&sink.url(), &format!("retry: {FAST_RETRY}")),
+        );
+        let gw = Gateway::start_with(rules.path(), &["--spool", spool], &[]);
+        acked_event_id(&post_json(&gw.url("/hooks/g"), r#"{"type":"x"}"#).await);
 
-    let got = sink.wait_for(4, Duration::from_secs(10)).await;
-    let attempts: Vec<&str> = got
-        .iter()
-        .map(|r| r.header("x-switchyard-attempt"))
-        .collect();
-    assert_eq!(attempts, ["1", "2", "3", "4"]);
-    assert!(got
-        .iter()
-        .all(|r| r.header("webhook-id") == got[0].header("webhook-id")));
-    eventually(Duration::from_secs(5), "delivered counted", || async {
-        deliveries_metric(&gw, "r", "t", "delivered").await == 1.0
-    })
-    .await;
-    assert_eq!(deliveries_metric(&gw, "r", "t", "retry").await, 3.0);
-    assert_eq!(deliveries_metric(&gw, "r", "t", "failed").await, 0.0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(sink.count(), 4, "nothing is sent after the 2xx");
+        let got = sink.wait_for(4, Duration::from_secs(10)).await;
+        let attempts: Vec<&str> = got
+            .iter()
+            .map(|r| r.header("x-switchyard-attempt"))
+            .collect();
+        assert_eq!(attempts, ["1", "2", "3", "4"], "{spool}");
+        assert!(got
+            .iter()
+            .all(|r| r.header("webhook-id") == got[0].header("webhook-id")));
+        eventually(Duration::from_secs(5), "delivered counted", || async {
+            deliveries_metric(&gw, "r", "t", "delivered").await == 1.0
+        })
+        .await;
+        assert_eq!(deliveries_metric(&gw, "r", "t", "retry").await, 3.0);
+        assert_eq!(deliveries_metric(&gw, "r", "t", "failed").await, 0.0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sink.count(), 4, "{spool}: nothing is sent after the 2xx");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_that_times_out_is_retried() {
-    let sink = Sink::start().await;
-    sink.script(vec![Answer::status(200).delayed(Duration::from_secs(3))]);
-    let rules = RulesDir::new();
-    rules.write(
-        "r.yaml",
-        &one_target(&sink.url(), &format!("timeout: 300ms, retry: {FAST_RETRY}")),
-    );
-    let gw = Gateway::start(rules.path());
-    acked_event_id(&post_json(&gw.url("/hooks/g"), r#"{"type":"x"}"#).await);
-    let got = sink.wait_for(2, Duration::from_secs(10)).await;
-    assert_eq!(got[1].header("x-switchyard-attempt"), "2");
-    assert_eq!(got[1].header("webhook-id"), got[0].header("webhook-id"));
-    eventually(Duration::from_secs(5), "delivered counted", || async {
-        deliveries_metric(&gw, "r", "t", "delivered").await == 1.0
-    })
-    .await;
-    gw.wait_for_log("timed out", Duration::from_secs(1)).await;
-    sink.stop();
+    // With either spool: the retry is due after the target's scheduler last looked.
+    for spool in ["redb", "memory"] {
+        let sink = Sink::start().await;
+        sink.script(vec![Answer::status(200).delayed(Duration::from_secs(3))]);
+        let rules = RulesDir::new();
+        rules.write(
+            "r.yaml",
+            &one_target(&sink.url(), &format!("timeout: 300ms, retry: {FAST_RETRY}")),
+        );
+        let gw = Gateway::start_with(rules.path(), &["--spool", spool], &[]);
+        acked_event_id(&post_json(&gw.url("/hooks/g"), r#"{"type":"x"}"#).await);
+        let got = sink.wait_for(2, Duration::from_secs(10)).await;
+        assert_eq!(got[1].header("x-switchyard-attempt"), "2", "{spool}");
+        assert_eq!(got[1].header("webhook-id"), got[0].header("webhook-id"));
+        assert!(
+            got[1].at - got[0].at < Duration::from_secs(2),
+            "{spool}: the retry came {:?} after the first attempt",
+            got[1].at - got[0].at
+        );
+        eventually(Duration::from_secs(5), "delivered counted", || async {
+            deliveries_metric(&gw, "r", "t", "delivered").await == 1.0
+        })
+        .await;
+        gw.wait_for_log("timed out", Duration::from_secs(1)).await;
+        sink.stop();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

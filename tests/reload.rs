@@ -426,3 +426,64 @@ routes:
     assert_eq!(got[0].body, body.as_bytes());
     assert_ne!(got[0].header("x-switchyard-attempt"), "1");
 }
+
+/// The largest number of requests in flight at once at `sink`, each held for `hold` from its
+/// arrival.
+fn most_in_flight(got: &[Received], hold: Duration) -> usize {
+    let mut at: Vec<std::time::Instant> = got.iter().map(|r| r.at).collect();
+    at.sort();
+    (0..at.len())
+        .map(|i| at[i..].iter().take_while(|t| **t - at[i] < hold).count())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_raises_and_lowers_a_targets_concurrency_for_queued_deliveries() {
+    const HOLD: Duration = Duration::from_millis(400);
+    let sink = Sink::start().await;
+    sink.set_default(Answer::status(200).delayed(HOLD));
+    let rules = RulesDir::new();
+    // Eight routes to one target: one callback queues eight deliveries at once.
+    let routes: String = (1..=8)
+        .map(|i| format!("  - {{name: r{i}, to: [t]}}\n"))
+        .collect();
+    let with = |concurrency: u32| {
+        format!(
+            "{GENERIC}targets:\n  t: {{url: '{}/x', concurrency: {concurrency}}}\nroutes:\n{routes}",
+            sink.url()
+        )
+    };
+    let file = rules.write("r.yaml", &with(1));
+    let gw = Gateway::start(rules.path());
+    let g0 = generation(&gw).await;
+    post_json(&gw.url("/hooks/g"), r#"{"type":"x","n":1}"#).await;
+    sink.wait_for(1, WAIT).await;
+
+    // Raised while seven wait behind the one in flight: they go four at a time.
+    std::fs::write(&file, with(4)).unwrap();
+    let g1 = wait_generation_above(&gw, g0).await;
+    let raised_at = std::time::Instant::now();
+    let got = sink.wait_for(8, WAIT).await;
+    let after: Vec<Received> = got.into_iter().filter(|r| r.at >= raised_at).collect();
+    assert!(
+        most_in_flight(&after, HOLD) >= 3,
+        "concurrency 4 after the reload, yet at most {} in flight",
+        most_in_flight(&after, HOLD)
+    );
+
+    // Lowered again: once the attempts in flight have ended, one at a time.
+    std::fs::write(&file, with(1)).unwrap();
+    wait_generation_above(&gw, g1).await;
+    tokio::time::sleep(HOLD * 2).await;
+    let lowered_at = std::time::Instant::now();
+    post_json(&gw.url("/hooks/g"), r#"{"type":"x","n":2}"#).await;
+    let got = sink.wait_for(16, WAIT).await;
+    let after: Vec<Received> = got.into_iter().filter(|r| r.at >= lowered_at).collect();
+    assert_eq!(after.len(), 8);
+    assert_eq!(
+        most_in_flight(&after, HOLD),
+        1,
+        "concurrency 1 after the reload"
+    );
+}

@@ -1,19 +1,25 @@
 //! The outbound HTTP client and the exact request a delivery attempt sends.
 //!
-//! One hyper client for the process (connection pooling, rustls with the webpki roots, no
-//! redirects, explicit timeouts). [`prepare`] builds method, URL, headers and body; `explain` shows
-//! its result, and [`send`] sends it, so a dry run and a real attempt cannot disagree.
+//! Queued deliveries go out on [`Lane`]s: each keeps one HTTP/1.1 connection alive and drives it
+//! in its own task. Synchronous asks use the process's pooled hyper client. Both connect with one
+//! connector (rustls with the webpki roots), follow no redirects and have explicit timeouts.
+//! [`prepare`] builds method, URL, headers and body; `explain` shows its result, and a lane sends
+//! it, so a dry run and a real attempt cannot disagree.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
 
 use super::retry::{parse_retry_after, Outcome};
 use super::{signing, Delivery};
@@ -26,26 +32,36 @@ pub const ANSWER_HEAD: usize = 1024;
 const ANSWER_READ_LIMIT: usize = 64 * 1024;
 
 /// The outbound client: HTTP/1.1 over TCP or TLS, with a pool of kept-alive connections.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpClient = Client<Connector, Full<Bytes>>;
+
+/// Opens TCP or TLS connections (rustls with the webpki roots), 5 s to connect, no Nagle.
+pub type Connector = HttpsConnector<HttpConnector>;
 
 const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
 
-/// Builds the process's client.
-pub fn build_client() -> HttpClient {
+/// How long a kept-alive connection may sit unused before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Builds the connector the client and the delivery lanes connect with.
+pub fn build_connector() -> Connector {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.set_nodelay(true);
     http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(http)
+}
+
+/// Builds the process's pooled client (synchronous asks use it).
+pub fn build_client(connector: Connector) -> HttpClient {
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_max_idle_per_host(1024)
         .pool_timer(TokioTimer::new())
-        .build(https)
+        .build(connector)
 }
 
 /// One attempt's request.
@@ -109,18 +125,6 @@ pub fn prepare(target: &Target, delivery: &Delivery, now_secs: u64) -> Prepared 
     }
 }
 
-/// Sends one attempt and reports what came of it.
-pub async fn send(client: &HttpClient, target: &Target, prepared: Prepared) -> Outcome {
-    send_keeping(
-        client,
-        prepared,
-        target.timeout,
-        ANSWER_HEAD,
-        ANSWER_READ_LIMIT,
-    )
-    .await
-}
-
 /// Sends a request within `timeout` (connecting and reading the answer included) and keeps the
 /// first `keep` bytes of the answer, reading at most `read_limit` of it.
 pub async fn send_keeping(
@@ -148,14 +152,11 @@ pub async fn send_keeping(
             Err(e) => return transport_outcome(&e),
         };
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after = retry_after_of(response.headers());
         // The status is what counts; a broken answer body only loses the diagnostic text.
         let body_head = read_head(response.into_body(), keep, read_limit)
             .await
+            .map(|(head, _)| head)
             .unwrap_or_default();
         Outcome::Answered {
             status,
@@ -166,6 +167,223 @@ pub async fn send_keeping(
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or(Outcome::Timeout)
+}
+
+/// The connection of one delivery lane: at most one kept-alive HTTP/1.1 connection, to the origin
+/// of the lane's last request, driven by the lane's own task — an attempt needs no other task, no
+/// pool lookup and no hand-over between tasks.
+pub struct Lane {
+    connector: Connector,
+    conn: Option<Conn>,
+}
+
+struct Conn {
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    sender: http1::SendRequest<Full<Bytes>>,
+    /// The connection's own future: it writes requests and reads answers while it is polled.
+    driver: Driver,
+}
+
+impl Conn {
+    fn serves(&self, uri: &Uri) -> bool {
+        uri.scheme() == Some(&self.scheme) && uri.authority() == Some(&self.authority)
+    }
+}
+
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// Runs `work` while polling the connection, which is what moves its bytes; and tells whether
+/// the connection ended meanwhile. It ends after an answer that closes it, say, which `work` may
+/// still hold: `work` is finished once the connection's state is dropped (what it was waiting
+/// for is there then, or fails).
+async fn drive<F: Future>(driver: &mut Driver, work: F) -> (F::Output, bool) {
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        _ = driver.as_mut() => {
+            *driver = Box::pin(std::future::pending());
+            (work.await, true)
+        }
+        out = &mut work => (out, false),
+    }
+}
+
+impl Lane {
+    pub fn new(connector: Connector) -> Lane {
+        Lane {
+            connector,
+            conn: None,
+        }
+    }
+
+    /// Whether the lane holds a kept-alive connection.
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Completes when the kept-alive connection ends (the peer closed it, say), which the lane
+    /// notices while it waits for work; pending for ever without one.
+    pub async fn watch(&mut self) {
+        match &mut self.conn {
+            Some(conn) => {
+                let _ = conn.driver.as_mut().await;
+                self.conn = None;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Sends one attempt on this lane's connection (a new one if it has none to the URL's origin)
+    /// and reports what came of it, within `timeout` (connecting and reading the answer included).
+    pub async fn send(&mut self, prepared: Prepared, timeout: Duration) -> Outcome {
+        match tokio::time::timeout(timeout, self.exchange(prepared)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // The answer may still come: the connection cannot carry another request.
+                self.conn = None;
+                Outcome::Timeout
+            }
+        }
+    }
+
+    async fn exchange(&mut self, prepared: Prepared) -> Outcome {
+        let uri = match uri_of(&prepared.url) {
+            Ok(u) => u,
+            Err(e) => return Outcome::Invalid(format!("url {}: {e}", prepared.url)),
+        };
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
+        else {
+            return Outcome::Invalid(format!("url {}: no scheme or host", prepared.url));
+        };
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| !c.serves(&uri) || c.sender.is_closed())
+        {
+            self.conn = None;
+        }
+        let mut request = http::Request::new(Full::new(prepared.body));
+        *request.method_mut() = prepared.method;
+        *request.headers_mut() = prepared.headers;
+        let headers = request.headers_mut();
+        if !headers.contains_key(http::header::HOST) {
+            headers.insert(http::header::HOST, host_header(&scheme, &authority));
+        }
+        headers
+            .entry(http::header::USER_AGENT)
+            .or_insert(HeaderValue::from_static(USER_AGENT));
+        *request.uri_mut() = origin_form(uri);
+        let mut request = Some(request);
+        // A kept-alive connection the peer closed just now fails the request before it is
+        // written; it then goes once more on a new connection.
+        for second_try in [false, true] {
+            if self.conn.is_none() {
+                match self.connect(&scheme, &authority).await {
+                    Ok(conn) => self.conn = Some(conn),
+                    Err(e) => return Outcome::Connect(e),
+                }
+            }
+            let conn = self.conn.as_mut().expect("connected above");
+            let req = request.take().expect("a request to send");
+            let (sent, ended) = drive(&mut conn.driver, conn.sender.try_send_request(req)).await;
+            let answer = match sent {
+                Ok(response) => response,
+                Err(mut e) => {
+                    self.conn = None;
+                    match e.take_message() {
+                        Some(unsent) if !second_try => {
+                            request = Some(unsent);
+                            continue;
+                        }
+                        _ => return Outcome::Transport(root_cause(e.error())),
+                    }
+                }
+            };
+            let status = answer.status().as_u16();
+            let retry_after = retry_after_of(answer.headers());
+            let read = drive(
+                &mut conn.driver,
+                read_head(answer.into_body(), ANSWER_HEAD, ANSWER_READ_LIMIT),
+            );
+            let (read, ended_reading) = read.await;
+            // The status is what counts; a broken answer only loses the diagnostic text. An
+            // answer not read to its end leaves the connection unusable.
+            let (body_head, reusable) = match read {
+                Ok((head, complete)) => (head, complete),
+                Err(_) => (Bytes::new(), false),
+            };
+            if ended || ended_reading || !reusable {
+                self.conn = None;
+            }
+            return Outcome::Answered {
+                status,
+                retry_after,
+                body_head,
+            };
+        }
+        Outcome::Transport("connection closed before the request was sent".into())
+    }
+
+    async fn connect(
+        &mut self,
+        scheme: &http::uri::Scheme,
+        authority: &http::uri::Authority,
+    ) -> Result<Conn, String> {
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| e.to_string())?;
+        std::future::poll_fn(|cx| self.connector.poll_ready(cx))
+            .await
+            .map_err(|e| root_cause(&*e))?;
+        let io = self
+            .connector
+            .call(origin)
+            .await
+            .map_err(|e| root_cause(&*e))?;
+        let (sender, connection) = http1::handshake(io).await.map_err(|e| root_cause(&e))?;
+        Ok(Conn {
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+            sender,
+            driver: Box::pin(connection),
+        })
+    }
+}
+
+/// `Host`: the authority without user information, the port only when it is not the scheme's.
+fn host_header(scheme: &http::uri::Scheme, authority: &http::uri::Authority) -> HeaderValue {
+    let default_port = if *scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    let host = match authority.port_u16() {
+        Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_string(),
+    };
+    HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The request target HTTP/1.1 sends to an origin server: path and query only.
+fn origin_form(uri: Uri) -> Uri {
+    let mut parts = uri.into_parts();
+    parts.scheme = None;
+    parts.authority = None;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+fn retry_after_of(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()))
 }
 
 /// The URI of a rendered target URL. Rule loading checked the template with a WHATWG URL parser;
@@ -182,11 +400,13 @@ fn uri_of(url: &str) -> Result<Uri, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The first `keep` bytes of an answer, reading at most `read_limit`; and whether the answer was
+/// read to its end (only then can its connection carry another request).
 async fn read_head(
     mut body: Incoming,
     keep: usize,
     read_limit: usize,
-) -> Result<Bytes, hyper::Error> {
+) -> Result<(Bytes, bool), hyper::Error> {
     let mut head = Vec::new();
     let mut read = 0usize;
     while let Some(frame) = body.frame().await {
@@ -199,10 +419,10 @@ async fn read_head(
             head.extend_from_slice(&chunk[..chunk.len().min(room)]);
         }
         if read >= read_limit {
-            break;
+            return Ok((head.into(), body.is_end_stream()));
         }
     }
-    Ok(head.into())
+    Ok((head.into(), true))
 }
 
 fn transport_outcome(e: &hyper_util::client::legacy::Error) -> Outcome {
@@ -225,6 +445,9 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
     fn request(url: &str) -> Prepared {
         Prepared {
@@ -242,11 +465,214 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let client = build_client();
+        let client = build_client(build_connector());
         for scheme in ["http", "https"] {
             let url = format!("{scheme}://127.0.0.1:{port}/in");
             let outcome =
                 send_keeping(&client, request(&url), Duration::from_secs(5), 16, 16).await;
+            assert!(matches!(outcome, Outcome::Connect(_)), "{url}: {outcome:?}");
+        }
+    }
+
+    /// How the test server answers each request.
+    #[derive(Clone, Copy)]
+    enum Mode {
+        KeepAlive,
+        /// `Connection: close`, then closes.
+        Close,
+        /// Answers as if kept alive, then closes without saying so, 100 ms later.
+        SilentClose,
+        /// An answer larger than the lane reads.
+        Large,
+        /// Never answers.
+        Mute,
+    }
+
+    /// Per connection, the request line and `Host` of each request.
+    type Seen = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
+    /// A one-request-at-a-time HTTP/1.1 server on loopback that records, per connection, the
+    /// request line and `Host` of each request.
+    async fn server(mode: Mode) -> (String, Seen) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen: Seen = Arc::default();
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let index = {
+                    let mut seen = record.lock().unwrap();
+                    seen.push(Vec::new());
+                    seen.len() - 1
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // Read one request: head, then a Content-Length body.
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                        let header = |name: &str| {
+                            head.lines()
+                                .find_map(|l| {
+                                    let (k, v) = l.split_once(':')?;
+                                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                                })
+                                .unwrap_or_default()
+                        };
+                        let length: usize = header("content-length").parse().unwrap_or(0);
+                        while buf.len() < head_end + length {
+                            let mut chunk = [0u8; 4096];
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + length);
+                        let line = head.lines().next().unwrap_or_default().to_string();
+                        record.lock().unwrap()[index].push((line, header("host")));
+                        let answer = match mode {
+                            Mode::KeepAlive | Mode::SilentClose => {
+                                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string()
+                            }
+                            Mode::Close => "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok".to_string(),
+                            Mode::Large => {
+                                let body = "x".repeat(ANSWER_READ_LIMIT * 2);
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                            }
+                            Mode::Mute => {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                return;
+                            }
+                        };
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        match mode {
+                            Mode::Close => return,
+                            Mode::SilentClose => {
+                                // Closed once the client holds the connection as idle.
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                return;
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    fn per_connection(seen: &Seen) -> Vec<usize> {
+        seen.lock().unwrap().iter().map(Vec::len).collect()
+    }
+
+    fn answered_200(outcome: &Outcome) -> bool {
+        matches!(outcome, Outcome::Answered { status: 200, .. })
+    }
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn a_lane_keeps_its_connection_and_sends_origin_form_with_host() {
+        let (url, seen) = server(Mode::KeepAlive).await;
+        let mut lane = Lane::new(build_connector());
+        for i in 0..5 {
+            let outcome = lane.send(request(&format!("{url}/in?n={i}")), WAIT).await;
+            assert!(answered_200(&outcome), "{outcome:?}");
+            assert!(lane.is_connected());
+        }
+        assert_eq!(
+            per_connection(&seen),
+            vec![5],
+            "one connection for all five"
+        );
+        let host = url.trim_start_matches("http://");
+        let first = seen.lock().unwrap()[0][0].clone();
+        assert_eq!(
+            first,
+            ("POST /in?n=0 HTTP/1.1".to_string(), host.to_string())
+        );
+        // Another origin: a connection of its own.
+        let (other, other_seen) = server(Mode::KeepAlive).await;
+        assert!(answered_200(
+            &lane.send(request(&format!("{other}/x")), WAIT).await
+        ));
+        assert_eq!(per_connection(&other_seen), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn a_lane_opens_a_new_connection_after_one_the_server_closed() {
+        // Said in the answer.
+        let (url, seen) = server(Mode::Close).await;
+        let mut lane = Lane::new(build_connector());
+        for _ in 0..3 {
+            assert!(answered_200(
+                &lane.send(request(&format!("{url}/in")), WAIT).await
+            ));
+            assert!(!lane.is_connected());
+        }
+        assert_eq!(per_connection(&seen), vec![1, 1, 1]);
+        // Not said: the lane notices while it waits for work.
+        let (url, seen) = server(Mode::SilentClose).await;
+        for _ in 0..3 {
+            assert!(answered_200(
+                &lane.send(request(&format!("{url}/in")), WAIT).await
+            ));
+            assert!(lane.is_connected());
+            tokio::time::timeout(WAIT, lane.watch()).await.unwrap();
+            assert!(!lane.is_connected());
+        }
+        assert_eq!(per_connection(&seen), vec![1, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_lane_drops_a_connection_it_cannot_reuse() {
+        // An answer larger than what is read: its rest is never read, so the connection goes.
+        let (url, seen) = server(Mode::Large).await;
+        let mut lane = Lane::new(build_connector());
+        for _ in 0..2 {
+            let outcome = lane.send(request(&format!("{url}/in")), WAIT).await;
+            let Outcome::Answered {
+                status, body_head, ..
+            } = outcome
+            else {
+                panic!("{outcome:?}");
+            };
+            assert_eq!((status, body_head.len()), (200, ANSWER_HEAD));
+            assert!(!lane.is_connected());
+        }
+        assert_eq!(per_connection(&seen), vec![1, 1]);
+        // No answer in time: a timeout, and the connection goes with it.
+        let (url, _) = server(Mode::Mute).await;
+        let outcome = lane
+            .send(request(&format!("{url}/in")), Duration::from_millis(200))
+            .await;
+        assert!(matches!(outcome, Outcome::Timeout), "{outcome:?}");
+        assert!(!lane.is_connected());
+    }
+
+    #[tokio::test]
+    async fn a_lane_reports_refused_connections_as_connect_errors() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut lane = Lane::new(build_connector());
+        for scheme in ["http", "https"] {
+            let url = format!("{scheme}://127.0.0.1:{port}/in");
+            let outcome = lane.send(request(&url), WAIT).await;
             assert!(matches!(outcome, Outcome::Connect(_)), "{url}: {outcome:?}");
         }
     }

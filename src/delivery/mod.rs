@@ -1,8 +1,11 @@
 //! Delivery: per-target schedulers that take due deliveries from the spool and send them.
 //!
-//! Each target has its own scheduler task, so a slow or failing target only ever holds its own
-//! concurrency slots. A scheduler reads the target's *current* definition from the live rule set
-//! before each attempt (a reload changes URL, headers or concurrency for queued deliveries too).
+//! Each target has its own scheduler task and up to `concurrency` lanes, so a slow or failing
+//! target only ever holds its own slots. A lane is a task with one kept-alive connection that
+//! takes the target's next due delivery from the spool, attempts it, and takes the next; the
+//! scheduler starts and wakes lanes when work arrives and when a retry falls due. Lanes read the
+//! target's *current* definition from the live rule set before each attempt (a reload changes
+//! URL, headers or concurrency for queued deliveries too).
 //! The attempt itself is a small state machine: send → classify (`retry.rs`) → delivered /
 //! retry later / failed.
 
@@ -80,6 +83,11 @@ impl Delivery {
     }
 }
 
+/// How often a scheduler looks at its queue while deliveries are due and its lanes are busy.
+const RECHECK: Duration = Duration::from_millis(25);
+/// How long a lane without a connection waits for work before it ends.
+const LANE_IDLE: Duration = Duration::from_secs(5);
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -92,6 +100,7 @@ pub struct Deliverer {
     spool: Arc<dyn Spool>,
     rules: Arc<ArcSwap<RuleSet>>,
     client: client::HttpClient,
+    connector: client::Connector,
     workers: Mutex<HashMap<Arc<str>, Arc<Worker>>>,
     stop: CancellationToken,
     attempts: TaskTracker,
@@ -99,7 +108,15 @@ pub struct Deliverer {
 
 struct Worker {
     name: Arc<str>,
+    /// Wakes the scheduler.
     wake: Notify,
+    /// Wakes an idle lane.
+    lane_wake: Notify,
+    /// Lanes running, at most the target's concurrency.
+    lanes: AtomicUsize,
+    /// Lanes waiting for work.
+    idle: AtomicUsize,
+    /// Lanes in an attempt.
     in_flight: AtomicUsize,
     paused: AtomicBool,
     delivered: AtomicU64,
@@ -131,10 +148,12 @@ impl Deliverer {
         rules: Arc<ArcSwap<RuleSet>>,
         stop: CancellationToken,
     ) -> Arc<Deliverer> {
+        let connector = client::build_connector();
         let deliverer = Arc::new(Deliverer {
             spool,
             rules,
-            client: client::build_client(),
+            client: client::build_client(connector.clone()),
+            connector,
             workers: Mutex::new(HashMap::new()),
             stop,
             attempts: TaskTracker::new(),
@@ -174,6 +193,9 @@ impl Deliverer {
         let worker = Arc::new(Worker {
             name: name.clone(),
             wake: Notify::new(),
+            lane_wake: Notify::new(),
+            lanes: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             paused: AtomicBool::new(false),
             delivered: AtomicU64::new(0),
@@ -277,34 +299,38 @@ impl Deliverer {
         lock(&self.workers).get(name).cloned()
     }
 
-    /// The scheduler of one target.
+    /// The scheduler of one target: it keeps lanes at work while deliveries are due, wakes for the
+    /// next retry, and turns a removed target's deliveries into dead letters. The lanes take the
+    /// deliveries themselves, so under load a delivery passes through no other task.
     async fn schedule(self: Arc<Self>, worker: Arc<Worker>) {
         loop {
             if self.stop.is_cancelled() {
                 return;
             }
             let rules = self.rules.load_full();
-            match rules.target(&worker.name) {
-                Some(target) => self.start_due(&worker, target),
-                None => self.fail_removed(&worker),
+            let target = rules.target(&worker.name);
+            if target.is_none() {
+                self.fail_removed(&worker);
             }
-            // Paused or every slot busy: only a resume or an attempt's end can give us work, and
-            // both wake us, so the spool need not be asked when the next delivery is due.
-            let next_due = if has_free_slot(&worker, &rules) {
-                self.spool.next_due(&worker.name)
-            } else {
-                None
+            let next_due = match target {
+                Some(_) if !worker.paused.load(Ordering::Acquire) => {
+                    self.spool.next_due(&worker.name)
+                }
+                _ => None,
             };
             // One reading of the clock: with two, the millisecond can tick between the check
             // and the subtraction, which underflowed (a panic that killed this target's
             // scheduler for good in debug builds, a near-endless sleep in release).
             let now = now_ms();
-            let sleep = match next_due {
-                Some(due) if due > now => Duration::from_millis(due - now),
-                // Fell due after `start_due` read the clock, and a slot is free: go round again
-                // (sleeping an hour here stranded it until some other delivery woke us).
-                Some(_) => Duration::from_millis(1),
-                None => Duration::from_secs(3600),
+            let sleep = match (next_due, target) {
+                (Some(due), _) if due > now => Duration::from_millis(due - now),
+                (Some(_), Some(target)) => {
+                    self.staff(&worker, target);
+                    // Busy lanes take what is due as they finish; look again soon for what falls
+                    // due after it (a retry's due time is known only once it is next).
+                    RECHECK
+                }
+                _ => Duration::from_secs(3600),
             };
             tokio::select! {
                 _ = worker.wake.notified() => {}
@@ -314,26 +340,97 @@ impl Deliverer {
         }
     }
 
-    fn start_due(self: &Arc<Self>, worker: &Arc<Worker>, target: &Arc<Target>) {
-        if worker.paused.load(Ordering::Acquire) {
+    /// Something is due: an idle lane takes it, or a new lane if there is none and the target's
+    /// concurrency allows.
+    fn staff(self: &Arc<Self>, worker: &Arc<Worker>, target: &Target) {
+        if worker.idle.load(Ordering::SeqCst) > 0 {
+            worker.lane_wake.notify_one();
             return;
         }
-        let in_flight = worker.in_flight.load(Ordering::Acquire);
-        let free = target.concurrency.saturating_sub(in_flight);
-        if free == 0 {
-            return;
+        let mut lanes = worker.lanes.load(Ordering::Acquire);
+        loop {
+            if lanes >= target.concurrency {
+                return;
+            }
+            match worker.lanes.compare_exchange(
+                lanes,
+                lanes + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => lanes = now,
+            }
         }
-        for delivery in self.spool.take_due(&worker.name, now_ms(), free) {
-            worker.in_flight.fetch_add(1, Ordering::AcqRel);
-            let this = self.clone();
-            let worker = worker.clone();
-            let target = target.clone();
-            self.attempts.spawn(async move {
-                this.attempt(&worker, &target, delivery).await;
-                worker.in_flight.fetch_sub(1, Ordering::AcqRel);
-                worker.wake.notify_one();
-            });
+        let this = self.clone();
+        let worker = worker.clone();
+        self.attempts.spawn(async move { this.lane(&worker).await });
+    }
+
+    /// One lane: attempts one delivery at a time on its own kept-alive connection, taking the
+    /// next due one as it finishes, and waits while there is none. It ends once idle for a minute
+    /// (5 s if it holds no connection), when the target is gone or a reload left it fewer slots
+    /// than lanes, and at shutdown.
+    async fn lane(self: &Arc<Self>, worker: &Arc<Worker>) {
+        let mut lane = client::Lane::new(self.connector.clone());
+        loop {
+            if self.stop.is_cancelled() {
+                break;
+            }
+            let Some(target) = self.rules.load().target(&worker.name).cloned() else {
+                break;
+            };
+            // A reload lowered the concurrency: lanes beyond it end.
+            if worker
+                .lanes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n > target.concurrency).then(|| n - 1)
+                })
+                .is_ok()
+            {
+                return;
+            }
+            let paused = worker.paused.load(Ordering::Acquire);
+            if !paused {
+                if let Some((delivery, more)) = self.spool.take_next(&worker.name, now_ms()) {
+                    if more {
+                        self.staff(worker, &target);
+                    }
+                    worker.in_flight.fetch_add(1, Ordering::AcqRel);
+                    self.attempt(worker, &target, &mut lane, delivery).await;
+                    worker.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
+            }
+            // Idle: say so, then look once more, so that work stored meanwhile is either seen
+            // here or finds this lane idle and wakes it.
+            let notified = worker.lane_wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            worker.idle.fetch_add(1, Ordering::SeqCst);
+            let due = !paused
+                && self
+                    .spool
+                    .next_due(&worker.name)
+                    .is_some_and(|due| due <= now_ms());
+            let idle_for = if lane.is_connected() {
+                client::IDLE_TIMEOUT
+            } else {
+                LANE_IDLE
+            };
+            let go_on = due
+                || tokio::select! {
+                    _ = notified => true,
+                    _ = lane.watch() => true,
+                    _ = tokio::time::sleep(idle_for) => false,
+                    _ = self.stop.cancelled() => false,
+                };
+            worker.idle.fetch_sub(1, Ordering::SeqCst);
+            if !go_on {
+                break;
+            }
         }
+        worker.lanes.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// The target is gone from the rules: its queued deliveries become dead letters.
@@ -350,10 +447,16 @@ impl Deliverer {
         }
     }
 
-    async fn attempt(&self, worker: &Worker, target: &Target, mut delivery: Delivery) {
+    async fn attempt(
+        &self,
+        worker: &Worker,
+        target: &Target,
+        lane: &mut client::Lane,
+        mut delivery: Delivery,
+    ) {
         let started = Instant::now();
         let prepared = client::prepare(target, &delivery, now_ms() / 1000);
-        let outcome = client::send(&self.client, target, prepared).await;
+        let outcome = lane.send(prepared, target.timeout).await;
         delivery.attempts += 1;
         metrics::histogram!(m::DELIVERY_DURATION, "target" => delivery.target.clone())
             .record(started.elapsed().as_secs_f64());
@@ -379,6 +482,8 @@ impl Deliverer {
                 delivery.last_error = Some(error);
                 let due = now_ms() + after.as_millis() as u64;
                 self.spool.retry_at(delivery, due);
+                // The scheduler wakes the lanes when it falls due.
+                worker.wake.notify_one();
             }
             Disposition::Failed { reason } => {
                 self.fail(worker, &delivery, reason, Some(&outcome));
@@ -415,7 +520,7 @@ impl Deliverer {
             .is_err()
         {
             tracing::warn!(
-                in_flight = self.attempts.len(),
+                lanes = self.attempts.len(),
                 "shutdown grace period over with attempts still in flight"
             );
         }
@@ -431,13 +536,6 @@ impl Deliverer {
             tracing::info!(queued = left, "deliveries left queued for the next start");
         }
     }
-}
-
-fn has_free_slot(worker: &Worker, rules: &RuleSet) -> bool {
-    !worker.paused.load(Ordering::Acquire)
-        && rules
-            .target(&worker.name)
-            .is_some_and(|t| worker.in_flight.load(Ordering::Acquire) < t.concurrency)
 }
 
 fn count(delivery: &Delivery, outcome: &'static str) {

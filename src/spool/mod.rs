@@ -188,6 +188,13 @@ pub trait Spool: Send + Sync + 'static {
     /// Takes up to `max` deliveries of `target` due at or before `now_ms`, marking them in flight.
     fn take_due(&self, target: &str, now_ms: u64, max: usize) -> Vec<Delivery>;
 
+    /// Takes `target`'s first due delivery, and tells whether another one is due too.
+    fn take_next(&self, target: &str, now_ms: u64) -> Option<(Delivery, bool)> {
+        let delivery = self.take_due(target, now_ms, 1).pop()?;
+        let more = self.next_due(target).is_some_and(|due| due <= now_ms);
+        Some((delivery, more))
+    }
+
     /// The earliest due time of a queued (not in flight) delivery of `target`.
     fn next_due(&self, target: &str) -> Option<u64>;
 
