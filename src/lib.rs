@@ -40,6 +40,8 @@ pub enum StartError {
     },
     #[error("cannot open the spool: {0}")]
     Spool(spool::SpoolError),
+    #[error("cannot start the delivery threads: {0}")]
+    Runtime(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -79,7 +81,8 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     let (ingress_addr, admin_addr) = (local_addr(&ingress_listener), local_addr(&admin_listener));
 
     let delivery_stop = CancellationToken::new();
-    let deliverer = delivery::Deliverer::new(spool.clone(), rules.clone(), delivery_stop.clone());
+    let deliverer = delivery::Deliverer::new(spool.clone(), rules.clone(), delivery_stop.clone())
+        .map_err(StartError::Runtime)?;
     deliverer.sync_targets();
 
     let reloader = {
