@@ -29,10 +29,12 @@
 # Knobs: DURATION (s, default 15), WARMUP (s, 3), CONNECTIONS (64), THREADS (2), ROUNDS (1),
 # PACED (callbacks/s offered in the paced run, or `peer`, the default: the peer's sustained rate,
 # 5000 when the peer does not run; 0 = no paced run; QUICK runs none),
-# SERVERS ("ceiling peer switchyard"), FRONT_WORKERS (nginx workers of the ceiling and the peer,
+# SERVERS ("ceiling peer switchyard"), SPOOL (the gateway's --spool, default redb; `memory` shows
+# what durability costs — the goals are for redb), FRONT_WORKERS (nginx workers of the ceiling and the peer,
 # default: one per core), and those of bench/lib.sh (BENCH_OUT, BENCH_DATA, BENCH_PORT_BASE,
 # NGINX_WORKERS for the sinks, SKIP_BUILD, SWITCHYARD_BIN, KEEP_TMP, PERF).
-# Results: the table at the end, also in $BENCH_OUT/fanout-results.txt (default target/bench/).
+# Results: the table at the end, also in $BENCH_OUT/fanout-results.txt (default target/bench/);
+# the gateway's /metrics at the end of each run in $BENCH_OUT/metrics-fanout-<round>.txt.
 # Exits 1 if a server lost deliveries (the sinks got fewer than 3 per acknowledged callback);
 # the speed numbers are reported, never asserted.
 set -euo pipefail
@@ -53,6 +55,7 @@ ROUNDS=${ROUNDS:-1}
 SERVERS=${SERVERS:-ceiling peer switchyard}
 if [[ "${QUICK:-0}" == 1 ]]; then PACED=${PACED:-0}; else PACED=${PACED:-peer}; fi
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-600}
+SPOOL=${SPOOL:-redb}
 
 bench_require cargo wrk nginx curl sha256sum awk getconf
 bench_init
@@ -203,9 +206,9 @@ measure_nginx() {
 
 measure_switchyard() {
   local round=$1 lua=${2:-$LUA} rate=${3:-0} key="switchyard.$1" data="$BENCH_DATA_DIR/fanout-$1" sinks0 sinks1
-  bench_log "switchyard, --spool redb (round $round): ${WARMUP}s warm-up + ${DURATION}s, $THREADS threads, $CONNECTIONS connections"
+  bench_log "switchyard, --spool $SPOOL (round $round): ${WARMUP}s warm-up + ${DURATION}s, $THREADS threads, $CONNECTIONS connections"
   aim_at "$GW_PORT"
-  bench_start_gateway redb "$data"
+  bench_start_gateway "$SPOOL" "$data"
   SERVER_PID=$GW_PID
   sleep 1
   read -r "RSS_IDLE[$key]" _ < <(bench_rss)
@@ -242,6 +245,7 @@ measure_switchyard() {
   ((hwm > peak)) && peak=$hwm
   RSS_PEAK[$key]=$peak
   kill "$RSS_SAMPLER_PID" 2>/dev/null || true
+  curl -fsS "$ADMIN_URL/metrics" >"$BENCH_OUT/metrics-fanout-$round.txt" 2>/dev/null || true
   bench_log "  ${RPS[$key]} callbacks/s acked, p50 ${P50[$key]} ms, p99 ${P99[$key]} ms; all delivered ${DRAIN_S[$key]} s after the load (sustained ${SUSTAINED[$key]}/s); sinks got ${SINKS[$key]} for ${ACKED[$key]} callbacks acked; RSS idle $((RSS_IDLE[$key] / 1024)) MiB, peak $((peak / 1024)) MiB"
   bench_stop_gateway
   rm -rf "$data"
