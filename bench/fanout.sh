@@ -56,6 +56,7 @@ SERVERS=${SERVERS:-ceiling peer switchyard}
 if [[ "${QUICK:-0}" == 1 ]]; then PACED=${PACED:-0}; else PACED=${PACED:-peer}; fi
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-600}
 SPOOL=${SPOOL:-redb}
+[[ $SPOOL == redb || $SPOOL == memory ]] || bench_die "SPOOL must be redb or memory, not '$SPOOL'"
 
 bench_require cargo wrk nginx curl sha256sum awk getconf
 bench_init
@@ -301,6 +302,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
 {
   echo "switchyard fan-out benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ), $(cd "$BENCH_ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)"
   printf '%s\n' "$MACHINE"
+  echo "spool:  switchyard with --spool $SPOOL$([[ $SPOOL == redb ]] || echo " (not durable: the goals are for redb)")"
   echo "load:   wrk -t$THREADS -c$CONNECTIONS, ${DURATION}s after ${WARMUP}s warm-up; one signed Tencent callback (${#BENCH_BODY} bytes); 3 sinks (nginx, ${NGINX_WORKERS:-1} worker)"
   echo
   echo "(sustained = callbacks acknowledged in the measured run / time from its start until the sinks"
