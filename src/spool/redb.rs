@@ -49,6 +49,10 @@ const OVERHEAD: u64 = 256;
 const MAX_GROUP: usize = 8192;
 /// How long a group of settlements only waits for more operations before it is written.
 const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+/// A commit at least this slow is logged: every acknowledgement waiting for it waited that long.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(250);
+/// Slow commits are logged at most this often; a line counts the slow commits since the last.
+const SLOW_COMMIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Page cache of the database; the rest stays on disk (a large backlog does not grow memory).
 /// 8 MiB holds the hot pages of the schedule (measured: a larger cache drains no faster).
 const CACHE_BYTES: usize = 8 << 20;
@@ -387,6 +391,7 @@ impl Pending {
 }
 
 fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>) {
+    let mut slow = SlowCommits::default();
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         let mut waited = false;
@@ -409,7 +414,59 @@ fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>) {
                 }
             }
         }
-        write_group(db, shared, ops);
+        let (took, stored) = write_group(db, shared, ops);
+        if let Some(report) = slow.note(took, std::time::Instant::now()) {
+            tracing::warn!(
+                slow_commits = report.count,
+                slowest_ms = report.slowest.as_millis() as u64,
+                last_ms = took.as_millis() as u64,
+                last_stored = stored,
+                "spool commits took {} ms or more; acknowledgements waited for the disk",
+                SLOW_COMMIT.as_millis()
+            );
+        }
+    }
+}
+
+/// Slow commits since the last line about them, logged at most every [`SLOW_COMMIT_LOG_EVERY`].
+#[derive(Default)]
+struct SlowCommits {
+    logged_at: Option<std::time::Instant>,
+    count: u64,
+    slowest: std::time::Duration,
+}
+
+/// What a line about slow commits says.
+#[derive(Debug, PartialEq)]
+struct SlowReport {
+    count: u64,
+    slowest: std::time::Duration,
+}
+
+impl SlowCommits {
+    /// Notes a commit that took `took`, written at `now`: the report to log, if one is due — at
+    /// the first slow commit, then no sooner than [`SLOW_COMMIT_LOG_EVERY`] after the last line,
+    /// at the next commit (slow or not) once slow ones went unlogged.
+    fn note(&mut self, took: std::time::Duration, now: std::time::Instant) -> Option<SlowReport> {
+        if took >= SLOW_COMMIT {
+            self.count += 1;
+            self.slowest = self.slowest.max(took);
+        }
+        if self.count == 0
+            || self
+                .logged_at
+                .is_some_and(|at| now.duration_since(at) < SLOW_COMMIT_LOG_EVERY)
+        {
+            return None;
+        }
+        self.logged_at = Some(now);
+        let report = SlowReport {
+            count: self.count,
+            slowest: self.slowest,
+        };
+        self.count = 0;
+        self.slowest = std::time::Duration::ZERO;
+        Some(report)
     }
 }
 
@@ -420,7 +477,9 @@ impl Op {
     }
 }
 
-fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
+/// Writes one group of operations in one transaction; how long the commit took, and how many
+/// callbacks it stored.
+fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) -> (std::time::Duration, u64) {
     let mut effects = Effects::default();
     let mut pending = Vec::new();
     let (stored, settled) = ops.iter().fold((0u64, 0u64), |(s, t), op| match op {
@@ -448,7 +507,8 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
     })();
     let outcome = if result.is_ok() { "ok" } else { "error" };
     metrics::counter!(m::SPOOL_COMMITS, "outcome" => outcome).increment(1);
-    metrics::histogram!(m::SPOOL_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    metrics::histogram!(m::SPOOL_COMMIT_DURATION).record(took.as_secs_f64());
     metrics::counter!(m::SPOOL_COMMIT_OPS, "op" => "store").increment(stored);
     metrics::counter!(m::SPOOL_COMMIT_OPS, "op" => "settle").increment(settled);
     match result {
@@ -528,6 +588,7 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) {
             wake(shared, effects.settled.iter().map(|(target, _)| target));
         }
     }
+    (took, stored)
 }
 
 /// Whether the cache holds every queued, not-in-flight delivery of `target`.
@@ -1463,6 +1524,46 @@ mod tests {
         // The budget in use is stored too.
         let spool = RedbSpool::open(dir.path(), one * 2).unwrap();
         assert_eq!(spool.used_bytes(), one * 2);
+    }
+
+    #[test]
+    fn slow_commits_are_reported_at_once_then_at_most_every_interval() {
+        let ms = std::time::Duration::from_millis;
+        let t0 = std::time::Instant::now();
+        let mut slow = SlowCommits::default();
+        assert_eq!(slow.note(ms(3), t0), None, "a fast commit says nothing");
+        // The first slow commit is reported when it happens.
+        assert_eq!(
+            slow.note(ms(400), t0 + ms(10)),
+            Some(SlowReport {
+                count: 1,
+                slowest: ms(400)
+            })
+        );
+        // Within the interval, slow commits are counted, not logged…
+        assert_eq!(slow.note(ms(900), t0 + ms(2_000)), None);
+        assert_eq!(slow.note(ms(300), t0 + ms(5_000)), None);
+        assert_eq!(slow.note(ms(1), t0 + ms(9_000)), None);
+        // …and the first commit after it, fast or not, reports them with the slowest.
+        assert_eq!(
+            slow.note(ms(2), t0 + ms(10_010)),
+            Some(SlowReport {
+                count: 2,
+                slowest: ms(900)
+            })
+        );
+        assert_eq!(
+            slow.note(ms(2), t0 + ms(30_000)),
+            None,
+            "nothing new to say"
+        );
+        assert_eq!(
+            slow.note(SLOW_COMMIT, t0 + ms(31_000)),
+            Some(SlowReport {
+                count: 1,
+                slowest: SLOW_COMMIT
+            })
+        );
     }
 
     #[test]
