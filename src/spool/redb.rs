@@ -414,13 +414,12 @@ fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>) {
                 }
             }
         }
-        let (took, stored) = write_group(db, shared, ops);
+        let took = write_group(db, shared, ops);
         if let Some(report) = slow.note(took, std::time::Instant::now()) {
+            // The line may come at a fast commit (reporting earlier slow ones): it names only them.
             tracing::warn!(
                 slow_commits = report.count,
                 slowest_ms = report.slowest.as_millis() as u64,
-                last_ms = took.as_millis() as u64,
-                last_stored = stored,
                 "spool commits took {} ms or more; acknowledgements waited for the disk",
                 SLOW_COMMIT.as_millis()
             );
@@ -477,9 +476,8 @@ impl Op {
     }
 }
 
-/// Writes one group of operations in one transaction; how long the commit took, and how many
-/// callbacks it stored.
-fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) -> (std::time::Duration, u64) {
+/// Writes one group of operations in one transaction; how long the commit took.
+fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) -> std::time::Duration {
     let mut effects = Effects::default();
     let mut pending = Vec::new();
     let (stored, settled) = ops.iter().fold((0u64, 0u64), |(s, t), op| match op {
@@ -588,7 +586,7 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) -> (std::time::Dura
             wake(shared, effects.settled.iter().map(|(target, _)| target));
         }
     }
-    (took, stored)
+    took
 }
 
 /// Whether the cache holds every queued, not-in-flight delivery of `target`.
