@@ -17,6 +17,7 @@ pub mod respond;
 pub mod router;
 pub mod rules;
 pub mod ruletest;
+pub mod sched;
 pub mod script;
 pub mod server;
 pub mod settings;
