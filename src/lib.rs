@@ -82,8 +82,13 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     let (ingress_addr, admin_addr) = (local_addr(&ingress_listener), local_addr(&admin_listener));
 
     let delivery_stop = CancellationToken::new();
-    let deliverer = delivery::Deliverer::new(spool.clone(), rules.clone(), delivery_stop.clone())
-        .map_err(StartError::Runtime)?;
+    let deliverer = delivery::Deliverer::new(
+        spool.clone(),
+        rules.clone(),
+        delivery_stop.clone(),
+        settings.worker_threads(),
+    )
+    .map_err(StartError::Runtime)?;
     deliverer.sync_targets();
 
     let reloader = {
@@ -145,6 +150,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     tracing::info!(
         ingress = %ingress_addr,
         admin = %admin_addr,
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "switchyard started"
     );
     server::serve(

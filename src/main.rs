@@ -123,6 +123,7 @@ fn main() -> ExitCode {
 fn serve(settings: Settings) -> ExitCode {
     init_logging(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.worker_threads())
         .enable_all()
         .build()
     {

@@ -76,4 +76,20 @@ pub struct Settings {
     /// How long shutdown waits for requests and delivery attempts in progress
     #[arg(long, value_name = "DURATION", env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Worker threads that take and answer callbacks, and as many again that deliver them
+    /// [default: half the cores, at least 1]
+    #[arg(long, value_name = "N", env = "SWITCHYARD_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+}
+
+impl Settings {
+    /// Worker threads of each of the ingress's and the delivery's runtimes: `--workers`, or half
+    /// the cores this process may use (rounded up). Together with the spool writer that is about
+    /// one busy thread per core; one per core in each runtime would put two on every core, and on
+    /// two shared cores the extra thread switches cost more than they gave (docs/benchmarks.md).
+    pub fn worker_threads(&self) -> usize {
+        self.workers.map(usize::from).unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2))
+        })
+    }
 }

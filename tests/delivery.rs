@@ -815,3 +815,77 @@ async fn sigterm_lets_a_callback_being_received_finish() {
     let (status, _) = gw.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// The gateway's threads by name, counted from /proc.
+#[cfg(target_os = "linux")]
+fn threads_named(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut names = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let comm = std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap_or_default();
+        *names.entry(comm.trim().to_string()).or_insert(0) += 1;
+    }
+    names
+}
+
+/// `--workers N` gives N threads that answer and N that deliver; the default is half the cores,
+/// rounded up; and a gateway with a single worker of each still answers and delivers.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sets_the_threads_that_answer_and_that_deliver() {
+    let sink = Sink::start().await;
+    let rules = RulesDir::new();
+    rules.write("r.yaml", &one_target(&sink.url(), "concurrency: 4"));
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (args, expected) in [
+        (vec!["--workers", "3"], 3),
+        (vec!["--workers", "1"], 1),
+        (vec![], cores.div_ceil(2)),
+    ] {
+        let gw = Gateway::start_with(rules.path(), &args, &[]);
+        let started = gw
+            .wait_for_log("switchyard started", Duration::from_secs(5))
+            .await;
+        let started: serde_json::Value = serde_json::from_str(&started).unwrap();
+        assert_eq!(started["workers"], expected as u64, "{args:?}");
+        // A thread is named by itself once it runs: on a busy machine some may not be yet.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let threads = loop {
+            let threads = threads_named(gw.pid());
+            let named = threads.get("delivery") == Some(&expected)
+                && threads.get("tokio-rt-worker") >= Some(&expected);
+            if named || Instant::now() > deadline {
+                break threads;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            threads.get("delivery"),
+            Some(&expected),
+            "{args:?}: {threads:?}"
+        );
+        // The ingress's runtime names its workers and its blocking helpers alike; the sweep of
+        // expired dead letters at start may have left one of the latter.
+        let ingress = threads.get("tokio-rt-worker").copied().unwrap_or(0);
+        assert!(
+            (expected..=expected + 1).contains(&ingress),
+            "{args:?}: {threads:?}"
+        );
+
+        let before = sink.count();
+        for i in 0..20 {
+            let body = format!(r#"{{"type":"t","n":{i}}}"#);
+            acked_event_id(&post_json(&gw.url("/hooks/g"), &body).await);
+        }
+        sink.wait_for(before + 20, Duration::from_secs(5)).await;
+        gw.stop();
+    }
+}
+
+#[test]
+fn workers_must_be_a_positive_number() {
+    for bad in ["0", "-1", "many"] {
+        let (code, _, stderr) = run_cli(&["serve", &format!("--workers={bad}")], None);
+        assert_eq!(code, 2, "--workers {bad}: {stderr}");
+        assert!(stderr.contains("--workers"), "--workers {bad}: {stderr}");
+    }
+}

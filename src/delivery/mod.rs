@@ -108,7 +108,7 @@ pub struct Deliverer {
     runtime: DeliveryRuntime,
 }
 
-/// The runtime of delivery: its own worker threads, one per core, beside the ingress's. The
+/// The runtime of delivery: its own worker threads (`--workers`), beside the ingress's. The
 /// operating system then shares the cores between answering and delivering, and neither queues
 /// behind the other's tasks: in paired `bench/fanout.sh` runs this sustained ~30 % more callbacks
 /// per second at 12–27 % less CPU each, and halved the ack p99 at 8,600 callbacks/s, against one
@@ -117,8 +117,9 @@ pub struct Deliverer {
 struct DeliveryRuntime(Option<tokio::runtime::Runtime>);
 
 impl DeliveryRuntime {
-    fn start() -> std::io::Result<DeliveryRuntime> {
+    fn start(workers: usize) -> std::io::Result<DeliveryRuntime> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
             .thread_name("delivery")
             .on_thread_start(crate::sched::background)
             .enable_all()
@@ -182,6 +183,7 @@ impl Deliverer {
         spool: Arc<dyn Spool>,
         rules: Arc<ArcSwap<RuleSet>>,
         stop: CancellationToken,
+        workers: usize,
     ) -> std::io::Result<Arc<Deliverer>> {
         let connector = client::build_connector();
         let deliverer = Arc::new(Deliverer {
@@ -192,7 +194,7 @@ impl Deliverer {
             workers: Mutex::new(HashMap::new()),
             stop,
             attempts: TaskTracker::new(),
-            runtime: DeliveryRuntime::start()?,
+            runtime: DeliveryRuntime::start(workers)?,
         });
         let weak = Arc::downgrade(&deliverer);
         deliverer.spool.on_ready(Arc::new(move |target: &str| {
@@ -628,7 +630,7 @@ mod tests {
     #[test]
     fn delivery_threads_run_as_batch_work_at_the_same_nice_value() {
         let (_, nice) = scheduling();
-        let runtime = super::DeliveryRuntime::start().unwrap();
+        let runtime = super::DeliveryRuntime::start(1).unwrap();
         let on_worker = runtime
             .handle()
             .block_on(runtime.handle().spawn(async { scheduling() }))
