@@ -77,7 +77,7 @@ pub struct Settings {
     #[arg(long, value_name = "DURATION", env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Worker threads that take and answer callbacks, and as many again that deliver them
-    /// [default: half the cores, at least 1]
+    /// [default: half the cores, rounded up]
     #[arg(long, value_name = "N", env = "SWITCHYARD_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 }
