@@ -123,7 +123,11 @@ impl Sink {
     }
 
     pub async fn start_on(addr: &str) -> Sink {
-        let listener = TcpListener::bind(addr).await.expect("bind sink");
+        Self::serve(TcpListener::bind(addr).await.expect("bind sink"))
+    }
+
+    /// A sink answering on `listener`.
+    fn serve(listener: TcpListener) -> Sink {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(SinkState {
             received: Vec::new(),
@@ -589,15 +593,14 @@ pub fn parse_log(lines: &[String]) -> Vec<serde_json::Value> {
 
 impl Sink {
     /// Starts a sink on a given address, retrying while the address is still in use (a sink
-    /// on it was just stopped): the target comes back up on the same port.
+    /// on it was just stopped, or an outgoing connection took the freed port as its own): the
+    /// target comes back up on the same port. The listener that binds is the one that serves,
+    /// so nothing can take the port in between.
     pub async fn restart_on(addr: SocketAddr) -> Sink {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match TcpListener::bind(addr).await {
-                Ok(probe) => {
-                    drop(probe);
-                    return Sink::start_on(&addr.to_string()).await;
-                }
+                Ok(listener) => return Sink::serve(listener),
                 Err(e) if Instant::now() > deadline => panic!("cannot rebind {addr}: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
