@@ -17,11 +17,12 @@
 # (steadier than the rates on a machine shared with other work). Then the ratios against the peer
 # and the ceiling.
 #
-# Then a paced run: the peer and switchyard at the same offered rate, PACED callbacks/s — by
-# default the peer's own sustained rate (the lowest of its rounds), the load the ack-latency goal
-# is set for — for the ack latency at that load rather than at saturation. Each connection waits
-# between an answer and its next request; the wait is tuned after the warm-up so that the rate
-# comes out at PACED when the server carries it.
+# Then a paced run: the ceiling, the peer and switchyard at the same offered rate, PACED
+# callbacks/s — by default the peer's own sustained rate (the lowest of its rounds), the load the
+# ack-latency goal is set for — for the ack latency at that load rather than at saturation. Each
+# connection waits between an answer and its next request; the wait is tuned after the warm-up so
+# that the rate comes out at PACED when the server carries it. The ceiling's paced p99 is the floor:
+# what wrk and the scheduler alone add at that rate on this machine, whatever the server.
 #
 # Usage: bench/fanout.sh           (about 3 minutes on a 2-core machine, plus the build)
 #        QUICK=1 bench/fanout.sh   (a smoke run: 2 s per server)
@@ -281,14 +282,15 @@ if ((PACED > 0)); then
   PACED_DELAY=$(awk -v c="$CONNECTIONS" -v r="$PACED" 'BEGIN {printf "%.3f", 1000 * c / r}')
   PACED_LUA="$BENCH_TMP/paced.lua"
   bench_write_lua "$PACED_LUA" 0 "$PACED_DELAY"
-  for server in peer switchyard; do
+  for server in ceiling peer switchyard; do
     [[ " $SERVERS " == *" $server "* ]] || continue
     bench_log "paced at $PACED callbacks/s ($PACED_FROM; waits tuned after the warm-up from $PACED_DELAY ms):"
-    if [[ $server == peer ]]; then
-      measure_nginx peer "$PEER_PORT" paced "$PACED_LUA" "$PACED"
-    else
-      measure_switchyard paced "$PACED_LUA" "$PACED"
-    fi
+    case $server in
+      # The ceiling paced: the p99 that wrk and the scheduler alone give at this rate here.
+      ceiling) measure_nginx ceiling "$CEILING_PORT" paced "$PACED_LUA" "$PACED" ;;
+      peer) measure_nginx peer "$PEER_PORT" paced "$PACED_LUA" "$PACED" ;;
+      *) measure_switchyard paced "$PACED_LUA" "$PACED" ;;
+    esac
     PACED_RUNS+=("$server")
   done
 fi
@@ -351,14 +353,20 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
     printf '%-11s %8s %12s %12s %9s %9s %22s %9s %7s %8s\n' server wait_ms callbacks/s sustained/s p50_ms p99_ms deliveries peak_mib cpu_us sinks_us
     for server in "${PACED_RUNS[@]}"; do
       k="$server.paced"
-      expected=$((ACKED[$k] * BENCH_FANOUT))
-      ((SINKS[$k] >= expected)) || LOST=1
+      deliveries="-"
+      if [[ $server != ceiling ]]; then
+        expected=$((ACKED[$k] * BENCH_FANOUT))
+        ((SINKS[$k] >= expected)) || LOST=1
+        deliveries="${SINKS[$k]}/$expected"
+      fi
       peak="-"
       [[ $server == switchyard ]] && peak=$(mib "${RSS_PEAK[$k]}")
-      printf '%-11s %8s %12s %12s %9s %9s %22s %9s %7s %8s\n' "$server" "${PACED_WAIT[$k]:-$PACED_DELAY}" "${RPS[$k]}" "${SUSTAINED[$k]}" "${P50[$k]}" "${P99[$k]}" "${SINKS[$k]}/$expected" "$peak" "${CPU_US[$k]}" "${SINK_US[$k]}"
+      printf '%-11s %8s %12s %12s %9s %9s %22s %9s %7s %8s\n' "$server" "${PACED_WAIT[$k]:-$PACED_DELAY}" "${RPS[$k]}" "${SUSTAINED[$k]}" "${P50[$k]}" "${P99[$k]}" "$deliveries" "$peak" "${CPU_US[$k]}" "${SINK_US[$k]}"
     done
     if [[ -n "${RPS[switchyard.paced]:-}" ]]; then
-      echo "paced: switchyard ack p99 ${P99[switchyard.paced]} ms at ${RPS[switchyard.paced]} callbacks/s (goal <= 5 ms at the peer's rate)"
+      line="paced: switchyard ack p99 ${P99[switchyard.paced]} ms at ${RPS[switchyard.paced]} callbacks/s (goal <= 5 ms at the peer's rate)"
+      [[ -n "${RPS[ceiling.paced]:-}" ]] && line+="; the ceiling's ${P99[ceiling.paced]} ms at ${RPS[ceiling.paced]}/s (the floor here)"
+      echo "$line"
     fi
   fi
   if ((LOST)); then
