@@ -21,8 +21,8 @@
 # callbacks/s — by default the peer's own sustained rate (the lowest of its rounds), the load the
 # ack-latency goal is set for — for the ack latency at that load rather than at saturation. Each
 # connection waits between an answer and its next request; the wait is tuned after the warm-up so
-# that the rate comes out at PACED when the server carries it. The ceiling's paced p99 is the floor:
-# what wrk and the scheduler alone add at that rate on this machine, whatever the server.
+# that the rate comes out at PACED when the server carries it. The ceiling's paced p99 is what wrk
+# and the scheduler alone add at that rate here, with no work behind the answer: no server beats it.
 #
 # Usage: bench/fanout.sh           (about 3 minutes on a 2-core machine, plus the build)
 #        QUICK=1 bench/fanout.sh   (a smoke run: 2 s per server)
@@ -365,7 +365,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
     done
     if [[ -n "${RPS[switchyard.paced]:-}" ]]; then
       line="paced: switchyard ack p99 ${P99[switchyard.paced]} ms at ${RPS[switchyard.paced]} callbacks/s (goal <= 5 ms at the peer's rate)"
-      [[ -n "${RPS[ceiling.paced]:-}" ]] && line+="; the ceiling's ${P99[ceiling.paced]} ms at ${RPS[ceiling.paced]}/s (the floor here)"
+      [[ -n "${RPS[ceiling.paced]:-}" ]] && line+="; the ceiling's ${P99[ceiling.paced]} ms at ${RPS[ceiling.paced]}/s (wrk and the scheduler alone)"
       echo "$line"
     fi
   fi
