@@ -41,15 +41,23 @@ impl Ingress {
         let rules = self.rules.load_full();
         let path = req.uri().path().to_string();
         let Some((source, suffix)) = rules.source_for_path(&path) else {
-            count("", "", "not_found");
+            let none = m::command_label("");
+            count(&none, &none, "not_found");
             let rejection = Rejection::new(StatusCode::NOT_FOUND, format!("no source at {path}"));
             return reject(DialectKind::Generic, &rejection);
         };
         let source = source.clone();
         let suffix = suffix.to_string();
         let response = self.accept(&rules, &source, &suffix, req, started).await;
-        metrics::histogram!(m::ACK_DURATION, "source" => source.name.clone())
-            .record(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        KEPT.with_borrow_mut(|kept| {
+            kept.acks
+                .get(
+                    source.name.clone(),
+                    |source| metrics::histogram!(m::ACK_DURATION, "source" => source.clone()),
+                )
+                .record(took)
+        });
         response
     }
 
@@ -67,7 +75,7 @@ impl Ingress {
                 source = %source.name, status = rejection.status.as_u16(),
                 reason = %rejection.reason, "callback rejected"
             );
-            count(source.name.clone(), "", rejection.outcome());
+            count(&source.name, &m::command_label(""), rejection.outcome());
             reject(kind, &rejection)
         };
         if req.method() != Method::POST {
@@ -125,7 +133,7 @@ impl Ingress {
         let responder = routing.responder(&callback);
         let command = m::command_label(&callback.command);
         if responder.is_none() && deliveries.is_empty() && dead.is_empty() {
-            count(source.name.clone(), command.clone(), "unrouted");
+            count(&source.name, &command, "unrouted");
             tracing::debug!(event_id = %callback.event_id, source = %source.name, command = %callback.command, "no route matched");
             return json(StatusCode::OK, dialect::ack(kind, &callback.event_id));
         }
@@ -164,7 +172,7 @@ impl Ingress {
                 event_id = %callback.event_id, source = %source.name, error = %e,
                 "cannot store the deliveries; answering 503"
             );
-            count(source.name.clone(), command.clone(), "unavailable");
+            count(&source.name, &command, "unavailable");
             return reject(
                 kind,
                 &Rejection::new(
@@ -173,7 +181,7 @@ impl Ingress {
                 ),
             );
         }
-        count(source.name.clone(), command.clone(), outcome);
+        count(&source.name, &command, outcome);
         tracing::debug!(
             event_id = %callback.event_id, source = %source.name, command = %callback.command,
             deliveries = queued, "callback accepted"
@@ -260,17 +268,30 @@ fn count_script_error(route: &str, error: &RunError) {
     .increment(1);
 }
 
-/// Labels are shared strings (the source's name, `m::command_label`), not copied per callback.
-fn count(
-    source: impl Into<metrics::SharedString>,
-    command: impl Into<metrics::SharedString>,
-    outcome: &'static str,
-) {
-    metrics::counter!(
-        m::CALLBACKS,
-        "source" => source,
-        "command" => command,
-        "outcome" => outcome
-    )
-    .increment(1);
+/// Labels are shared strings (the source's name, `m::command_label`), not copied per callback,
+/// and the handles are kept by each thread.
+fn count(source: &Arc<str>, command: &Arc<str>, outcome: &'static str) {
+    KEPT.with_borrow_mut(|kept| {
+        kept.callbacks
+            .get((source.clone(), command.clone(), outcome), |(s, c, o)| {
+                metrics::counter!(
+                    m::CALLBACKS,
+                    "source" => s.clone(),
+                    "command" => c.clone(),
+                    "outcome" => *o
+                )
+            })
+            .increment(1)
+    });
+}
+
+/// The series every callback records, kept by the thread that takes it (`m::Kept`).
+#[derive(Default)]
+struct Kept {
+    acks: m::Kept<Arc<str>, metrics::Histogram>,
+    callbacks: m::Kept<(Arc<str>, Arc<str>, &'static str), metrics::Counter>,
+}
+
+thread_local! {
+    static KEPT: std::cell::RefCell<Kept> = std::cell::RefCell::new(Kept::default());
 }

@@ -889,3 +889,87 @@ fn workers_must_be_a_positive_number() {
         assert!(stderr.contains("--workers"), "--workers {bad}: {stderr}");
     }
 }
+
+/// The counters a dashboard reads, by route, from one target's lane that stays open across a
+/// reload renaming one of the routes: each series counts its own callbacks, and the new name's
+/// series starts at one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_and_callbacks_are_counted_by_their_own_labels_across_a_reload() {
+    let sink = Sink::start().await;
+    let rules = RulesDir::new();
+    let write = |first: &str| {
+        rules.write(
+            "r.yaml",
+            &format!(
+                "{GENERIC}targets:\n  t: {{url: '{}', concurrency: 1}}\nroutes:\n  \
+                 - {{name: {first}, commands: [join], to: [t]}}\n  \
+                 - {{name: b, commands: [leave], to: [t]}}\n",
+                sink.url()
+            ),
+        );
+    };
+    write("a");
+    let gw = Gateway::start(rules.path());
+    let url = gw.url("/hooks/g");
+    for body in [
+        r#"{"type":"join"}"#,
+        r#"{"type":"leave"}"#,
+        r#"{"type":"join"}"#,
+    ] {
+        acked_event_id(&post_json(&url, body).await);
+    }
+    sink.wait_for(3, Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(5),
+        "three deliveries counted",
+        || async {
+            deliveries_metric(&gw, "a", "t", "delivered").await
+                + deliveries_metric(&gw, "b", "t", "delivered").await
+                == 3.0
+        },
+    )
+    .await;
+    assert_eq!(deliveries_metric(&gw, "a", "t", "delivered").await, 2.0);
+    assert_eq!(deliveries_metric(&gw, "b", "t", "delivered").await, 1.0);
+    let callbacks = |command: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(&format!(
+                "switchyard_callbacks_total{{source=\"g\",command=\"{command}\",outcome=\"routed\"}}"
+            ))
+            .await
+        }
+    };
+    assert_eq!(callbacks("join").await, 2.0);
+    assert_eq!(callbacks("leave").await, 1.0);
+    assert_eq!(
+        gw.metric(r#"switchyard_ack_duration_seconds_count{source="g"}"#)
+            .await,
+        3.0
+    );
+
+    let before = gw.admin_json("/admin/rules").await["generation"]
+        .as_u64()
+        .expect("generation");
+    write("a2");
+    eventually(Duration::from_secs(10), "the reload", || async {
+        gw.admin_json("/admin/rules").await["generation"].as_u64() > Some(before)
+    })
+    .await;
+    acked_event_id(&post_json(&url, r#"{"type":"join"}"#).await);
+    sink.wait_for(4, Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the renamed route counted",
+        || async { deliveries_metric(&gw, "a2", "t", "delivered").await == 1.0 },
+    )
+    .await;
+    assert_eq!(deliveries_metric(&gw, "a", "t", "delivered").await, 2.0);
+    assert_eq!(deliveries_metric(&gw, "b", "t", "delivered").await, 1.0);
+    assert_eq!(callbacks("join").await, 3.0);
+    assert_eq!(
+        gw.metric(r#"switchyard_delivery_duration_seconds_count{target="t"}"#)
+            .await,
+        4.0
+    );
+}

@@ -98,7 +98,12 @@ pub fn prepare(target: &Target, delivery: &Delivery, now_secs: u64) -> Prepared 
         source: &delivery.source,
         route: &delivery.route,
     });
-    let mut headers = target.headers.clone();
+    // Room for the target's headers and the ten added here and in `send_keeping`: a clone of
+    // the target's map would be grown, and rehashed, on the way.
+    let mut headers = http::HeaderMap::with_capacity(target.headers.len() + 10);
+    for (name, value) in &target.headers {
+        headers.append(name.clone(), value.clone());
+    }
     headers.insert(
         http::header::CONTENT_TYPE,
         delivery

@@ -416,6 +416,7 @@ impl Deliverer {
     /// than lanes, and at shutdown.
     async fn lane(self: &Arc<Self>, worker: &Arc<Worker>) {
         let mut lane = client::Lane::new(self.connector.clone());
+        let mut meters = LaneMeters::new(&worker.name);
         loop {
             if self.stop.is_cancelled() {
                 break;
@@ -440,7 +441,8 @@ impl Deliverer {
                         self.staff(worker, &target);
                     }
                     worker.in_flight.fetch_add(1, Ordering::AcqRel);
-                    self.attempt(worker, &target, &mut lane, delivery).await;
+                    self.attempt(worker, &target, &mut lane, &mut meters, delivery)
+                        .await;
                     worker.in_flight.fetch_sub(1, Ordering::AcqRel);
                     continue;
                 }
@@ -495,17 +497,22 @@ impl Deliverer {
         worker: &Worker,
         target: &Target,
         lane: &mut client::Lane,
+        meters: &mut LaneMeters,
         mut delivery: Delivery,
     ) {
         let started = Instant::now();
         let prepared = client::prepare(target, &delivery, now_ms() / 1000);
         let outcome = lane.send(prepared, target.timeout).await;
         delivery.attempts += 1;
-        metrics::histogram!(m::DELIVERY_DURATION, "target" => delivery.target.clone())
-            .record(started.elapsed().as_secs_f64());
+        meters.duration.record(started.elapsed().as_secs_f64());
         match retry::classify(&outcome, delivery.attempts, &target.retry) {
             Disposition::Delivered => {
-                count(&delivery, "delivered");
+                meters
+                    .delivered
+                    .get(delivery.route.clone(), |route| {
+                        counter(route.clone(), delivery.target.clone(), "delivered")
+                    })
+                    .increment(1);
                 worker.delivered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     delivery_id = %delivery.id, route = %delivery.route, target = %delivery.target,
@@ -582,13 +589,28 @@ impl Deliverer {
 }
 
 fn count(delivery: &Delivery, outcome: &'static str) {
-    metrics::counter!(
-        m::DELIVERIES,
-        "route" => delivery.route.clone(),
-        "target" => delivery.target.clone(),
-        "outcome" => outcome
-    )
-    .increment(1);
+    counter(delivery.route.clone(), delivery.target.clone(), outcome).increment(1);
+}
+
+fn counter(route: Arc<str>, target: Arc<str>, outcome: &'static str) -> metrics::Counter {
+    metrics::counter!(m::DELIVERIES, "route" => route, "target" => target, "outcome" => outcome)
+}
+
+/// The series a lane records on every attempt, kept by the lane (`m::Kept`): its target's
+/// attempt durations and, by route, its deliveries made. Retries and failures, rarer, are counted
+/// through the registry.
+struct LaneMeters {
+    duration: metrics::Histogram,
+    delivered: m::Kept<Arc<str>, metrics::Counter>,
+}
+
+impl LaneMeters {
+    fn new(target: &Arc<str>) -> LaneMeters {
+        LaneMeters {
+            duration: metrics::histogram!(m::DELIVERY_DURATION, "target" => target.clone()),
+            delivered: m::Kept::new(),
+        }
+    }
 }
 
 /// Drops dead letters older than `retention`: at start, then every tenth of the retention (at
