@@ -241,6 +241,41 @@ targets:
     );
 }
 
+/// YAML 1.1 read `y`, `on` and `no` as booleans; rule files are YAML 1.2, where they are the
+/// words themselves, and a boolean setting written `yes` is an error saying what it needs.
+#[test]
+fn check_reads_yes_no_on_and_y_as_words_and_refuses_them_for_booleans() {
+    let rules = RulesDir::new();
+    rules.write(
+        "r.yaml",
+        "sources:\n  g: {path: /g, dialect: generic, command: body.type}\n\
+         targets:\n  t: {url: 'http://127.0.0.1:1/'}\n\
+         routes:\n  - {name: no, commands: [y, on], to: [t]}\n",
+    );
+    let dir = rules.path().display().to_string();
+    let (code, out, err) = run_cli_env(&["check", "--rules", &dir], None, &[]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("route no: sources *, commands y,on -> t"),
+        "{out}"
+    );
+
+    let file = rules.write(
+        "r.yaml",
+        "sources:\n  g: {path: /g, dialect: generic, command: body.type}\n\
+         targets:\n  t: {url: 'http://127.0.0.1:1/'}\n\
+         routes:\n  - {name: r, respond: yes, to: [t]}\n",
+    );
+    let (code, out, err) = run_cli_env(&["check", "--rules", &dir], None, &[]);
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    let at = format!("{}:6:", file.display());
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&at) && l.contains("respond must be true or false")),
+        "{out}"
+    );
+}
+
 #[test]
 fn check_passes_on_the_repository_rules() {
     let (code, out, err) = run_cli_env(

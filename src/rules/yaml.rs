@@ -83,7 +83,9 @@ pub struct SyntaxError {
 
 /// Parses one YAML document. An empty document is `Null`.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
-    let options = serde_saphyr::options! {};
+    // YAML 1.2 booleans: only true/false. YAML 1.1 also read y, n, yes, no, on and off as
+    // booleans, so `commands: [y]` or a route named `no` became "true"/"false" without a word.
+    let options = serde_saphyr::options! { strict_booleans: true };
     match serde_saphyr::from_str_with_options::<Option<Spanned<Value>>>(text, options) {
         Ok(Some(spanned)) => Ok(Node {
             pos: pos_of(&spanned.referenced),
@@ -253,6 +255,37 @@ mod tests {
         };
         assert_eq!(items[0].pos, Pos { line: 3, col: 5 });
         assert_eq!(items[1].pos.line, 4);
+    }
+
+    #[test]
+    fn only_true_and_false_are_booleans() {
+        let node = parse("[y, n, yes, no, on, off, Yes, 'true', true, FALSE]").unwrap();
+        let Value::Seq(items) = node.value else {
+            panic!("{node:?}")
+        };
+        let read: Vec<String> = items
+            .iter()
+            .map(|n| match &n.value {
+                Value::Bool(b) => format!("bool {b}"),
+                Value::Str(s) => format!("str {s}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            read,
+            [
+                "str y",
+                "str n",
+                "str yes",
+                "str no",
+                "str on",
+                "str off",
+                "str Yes",
+                "str true",
+                "bool true",
+                "bool false"
+            ]
+        );
     }
 
     #[test]
