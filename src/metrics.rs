@@ -118,11 +118,11 @@ fn describe() {
     metrics::describe_counter!(SCRIPT_ERRORS, "Filter and transform runtime errors");
     metrics::describe_counter!(
         SPOOL_COMMITS,
-        "Durable spool transactions, by outcome (each one fsync)"
+        "Spool transactions, by outcome (each one fsync of the write-ahead log, or a checkpoint)"
     );
     metrics::describe_histogram!(
         SPOOL_COMMIT_DURATION,
-        "Time to write and fsync one spool transaction"
+        "Time to write one spool transaction: its write-ahead log record, or a checkpoint"
     );
     metrics::describe_counter!(
         SPOOL_COMMIT_OPS,

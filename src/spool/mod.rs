@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod memory;
 pub mod redb;
+mod wal;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use ::redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
@@ -28,6 +29,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use tokio::sync::oneshot;
 
 use super::codec;
+use super::wal::{self, Entry, Wal};
 use super::{Batch, BoxFuture, DeadLetter, DeadQuery, Spool, SpoolError, TargetStats, Waker};
 use crate::delivery::Delivery;
 use crate::metrics as m;
@@ -42,6 +44,18 @@ const AGE: TableDefinition<(&str, u128), ()> = TableDefinition::new("age");
 const DEAD: TableDefinition<u128, &[u8]> = TableDefinition::new("dead");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const USED_BYTES: &str = "used_bytes";
+/// The last generation of the write-ahead log whose changes redb holds durably.
+const WAL_GENERATION: &str = "wal_generation";
+
+/// Room for records in the write-ahead log; when it is full the next group is a checkpoint.
+const WAL_BYTES: u64 = 64 << 20;
+/// How long redb may hold changes that only the write-ahead log makes durable: after this the
+/// next group (or, idle, a group of its own) commits redb durably and the log starts over.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Least time between the starts of two groups: under load a group waits out the rest, so that
+/// one transaction and one fsync carry more operations (each costs CPU time as well as the wait
+/// for the disk); a callback arriving after a pause does not wait.
+const GROUP_GAP: std::time::Duration = std::time::Duration::from_micros(600);
 
 /// Bytes counted per delivery beside its body.
 const OVERHEAD: u64 = 256;
@@ -177,14 +191,38 @@ impl RedbSpool {
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|e| storage(format!("cannot open {}: {e}", path.display())))?;
+        let wal_path = dir.join("spool.wal");
+        let mut wal = Wal::open(&wal_path, WAL_BYTES)
+            .map_err(|e| storage(format!("cannot open {}: {e}", wal_path.display())))?;
         let txn = db.begin_write().map_err(storage)?;
         migrate(&txn)?;
         let used = {
-            txn.open_table(PENDING).map_err(storage)?;
-            txn.open_table(AGE).map_err(storage)?;
-            txn.open_table(DEAD).map_err(storage)?;
-            let meta = txn.open_table(META).map_err(storage)?;
-            let used = meta.get(USED_BYTES).map_err(storage)?.map(|v| v.value());
+            let mut tables = Tables::open(&txn, false)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut used = meta.get(USED_BYTES).map_err(storage)?.map(|v| v.value());
+            let checkpointed = meta
+                .get(WAL_GENERATION)
+                .map_err(storage)?
+                .map_or(0, |v| v.value());
+            let replayed = wal
+                .replay(checkpointed + 1, |payload| {
+                    replay_record(&mut tables, payload, &mut used)
+                })
+                .map_err(|e| storage(format!("cannot read {}: {e}", wal_path.display())))?
+                .map_err(|e| storage(format!("{}: {e}", wal_path.display())))?;
+            if replayed > 0 {
+                // The log's changes are now redb's, durably with this commit: the log starts
+                // over with the generation after.
+                meta.insert(WAL_GENERATION, checkpointed + 1)
+                    .map_err(storage)?;
+                meta.insert(USED_BYTES, used.unwrap_or(0))
+                    .map_err(storage)?;
+                tracing::info!(
+                    records = replayed,
+                    "spool changes since the last checkpoint restored from the write-ahead log"
+                );
+            }
+            wal.restart(checkpointed + 1 + u64::from(replayed > 0));
             used.unwrap_or(0)
         };
         txn.commit().map_err(storage)?;
@@ -208,7 +246,7 @@ impl RedbSpool {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("spool-writer".into())
-                .spawn(move || write_loop(&db, &shared, &rx))
+                .spawn(move || write_loop(&db, &shared, &rx, wal))
                 .map_err(storage)?
         };
         Ok(RedbSpool {
@@ -338,21 +376,121 @@ fn count_entries(db: &Database) -> Result<Counts, SpoolError> {
     Ok((queued, dead))
 }
 
-/// The tables of one write transaction, opened once per group.
+/// The tables of one write transaction, opened once per group. Every change goes through it, so
+/// that what the transaction changed can be written to the log as well.
 struct Tables<'t> {
     pending: ::redb::Table<'t, (&'static str, u64, u128), &'static [u8]>,
     age: ::redb::Table<'t, (&'static str, u128), ()>,
     dead: ::redb::Table<'t, u128, &'static [u8]>,
+    /// The changes made, for the write-ahead log; `None` where the commit is durable itself.
+    log: Option<wal::Entries>,
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, SpoolError> {
+    fn open(txn: &'t WriteTransaction, logged: bool) -> Result<Tables<'t>, SpoolError> {
         Ok(Tables {
             pending: txn.open_table(PENDING).map_err(storage)?,
             age: txn.open_table(AGE).map_err(storage)?,
             dead: txn.open_table(DEAD).map_err(storage)?,
+            log: logged.then(wal::Entries::default),
         })
     }
+
+    fn note(&mut self, entry: Entry<'_>) {
+        if let Some(log) = &mut self.log {
+            log.push(&entry);
+        }
+    }
+
+    fn pending_insert(
+        &mut self,
+        target: &str,
+        due: u64,
+        id: u128,
+        value: &[u8],
+    ) -> Result<(), SpoolError> {
+        self.pending
+            .insert((target, due, id), value)
+            .map_err(storage)?;
+        self.note(Entry::PendingInsert {
+            target,
+            due,
+            id,
+            value,
+        });
+        Ok(())
+    }
+
+    /// Whether there was such an entry.
+    fn pending_remove(&mut self, target: &str, due: u64, id: u128) -> Result<bool, SpoolError> {
+        let existed = self
+            .pending
+            .remove((target, due, id))
+            .map_err(storage)?
+            .is_some();
+        self.note(Entry::PendingRemove { target, due, id });
+        Ok(existed)
+    }
+
+    fn age_insert(&mut self, target: &str, id: u128) -> Result<(), SpoolError> {
+        self.age.insert((target, id), ()).map_err(storage)?;
+        self.note(Entry::AgeInsert { target, id });
+        Ok(())
+    }
+
+    fn age_remove(&mut self, target: &str, id: u128) -> Result<(), SpoolError> {
+        self.age.remove((target, id)).map_err(storage)?;
+        self.note(Entry::AgeRemove { target, id });
+        Ok(())
+    }
+
+    /// The target label of the dead letter it replaced, if any.
+    fn dead_insert(&mut self, id: u128, value: &[u8]) -> Result<Option<String>, SpoolError> {
+        let previous = self
+            .dead
+            .insert(id, value)
+            .map_err(storage)?
+            .map(|old| codec::dead_target(old.value()).unwrap_or_default());
+        self.note(Entry::DeadInsert { id, value });
+        Ok(previous)
+    }
+
+    /// The target label of the dead letter removed, if there was one.
+    fn dead_remove(&mut self, id: u128) -> Result<Option<String>, SpoolError> {
+        let removed = self
+            .dead
+            .remove(id)
+            .map_err(storage)?
+            .map(|old| codec::dead_target(old.value()).unwrap_or_default());
+        self.note(Entry::DeadRemove { id });
+        Ok(removed)
+    }
+}
+
+/// Applies the entries of one record of the write-ahead log; `used` becomes the byte count it
+/// ends with, if it has one.
+fn replay_record(t: &mut Tables<'_>, payload: &[u8], used: &mut Option<u64>) -> Result<(), String> {
+    for entry in wal::entries(payload) {
+        match entry? {
+            Entry::PendingInsert {
+                target,
+                due,
+                id,
+                value,
+            } => t.pending_insert(target, due, id, value),
+            Entry::PendingRemove { target, due, id } => t.pending_remove(target, due, id).map(drop),
+            Entry::AgeInsert { target, id } => t.age_insert(target, id),
+            Entry::AgeRemove { target, id } => t.age_remove(target, id),
+            Entry::DeadInsert { id, value } => t.dead_insert(id, value).map(drop),
+            Entry::DeadRemove { id } => t.dead_remove(id).map(drop),
+            Entry::Used(n) => {
+                *used = Some(n);
+                Ok(())
+            }
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// What a committed group changes in memory.
@@ -390,32 +528,70 @@ impl Pending {
     }
 }
 
-fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>) {
+/// The writer's write-ahead log, and how far redb is behind it.
+struct Logged {
+    wal: Wal,
+    /// When redb was last committed durably.
+    checkpointed: Instant,
+    /// Whether redb holds changes since then that only the log makes durable.
+    behind: bool,
+    /// When the last group's transaction started.
+    started: Instant,
+}
+
+impl Logged {
+    fn checkpoint_due(&self) -> bool {
+        self.checkpointed.elapsed() >= CHECKPOINT_EVERY
+    }
+}
+
+fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>, wal: Wal) {
     let mut slow = SlowCommits::default();
-    while let Ok(first) = rx.recv() {
+    let mut log = Logged {
+        wal,
+        checkpointed: Instant::now(),
+        behind: false,
+        started: Instant::now(),
+    };
+    loop {
+        // Idle with changes that only the log holds: checkpoint when they are due.
+        let first = if log.behind {
+            let left = CHECKPOINT_EVERY.saturating_sub(log.checkpointed.elapsed());
+            match rx.recv_timeout(left) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    write_group(db, shared, Vec::new(), &mut log);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            }
+        };
         let mut ops = vec![first];
         let mut waited = false;
-        while ops.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) => {
-                    // Nobody waits for a group of settlements (delivered, retried, dead): let it
-                    // gather more, up to SETTLE_WAIT, so fewer commits (and fsyncs) carry them.
-                    // A group anyone waits for is written at once.
-                    if waited || ops.iter().any(Op::awaited) {
-                        break;
-                    }
-                    waited = true;
-                    match rx.recv_timeout(SETTLE_WAIT) {
-                        Ok(op) => ops.push(op),
-                        Err(_) => break,
-                    }
-                }
+        gather(rx, &mut ops, |ops| {
+            // Nobody waits for a group of settlements (delivered, retried, dead): let it gather
+            // more, up to SETTLE_WAIT, so fewer transactions carry them. A group anyone waits
+            // for is written at once, or once GROUP_GAP has passed since the last one began.
+            if waited || ops.iter().any(Op::awaited) {
+                return None;
+            }
+            waited = true;
+            Some(SETTLE_WAIT)
+        });
+        if !log.checkpoint_due() {
+            let since = log.started.elapsed();
+            if since < GROUP_GAP {
+                std::thread::sleep(GROUP_GAP - since);
+                gather(rx, &mut ops, |_| None);
             }
         }
-        let took = write_group(db, shared, ops);
-        if let Some(report) = slow.note(took, std::time::Instant::now()) {
+        let took = write_group(db, shared, ops, &mut log);
+        if let Some(report) = slow.note(took, Instant::now()) {
             // The line may come at a fast commit (reporting earlier slow ones): it names only them.
             tracing::warn!(
                 slow_commits = report.count,
@@ -423,6 +599,32 @@ fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>) {
                 "spool commits took {} ms or more; acknowledgements waited for the disk",
                 SLOW_COMMIT.as_millis()
             );
+        }
+    }
+    // Closed: a last checkpoint, so the log holds nothing redb does not.
+    if log.behind {
+        write_group(db, shared, Vec::new(), &mut log);
+    }
+}
+
+/// Adds what is queued to `ops`, up to [`MAX_GROUP`]; when nothing is, `wait` says how long to
+/// wait for more (`None`: not at all).
+fn gather(
+    rx: &mpsc::Receiver<Op>,
+    ops: &mut Vec<Op>,
+    mut wait: impl FnMut(&[Op]) -> Option<std::time::Duration>,
+) {
+    while ops.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(op) => ops.push(op),
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => match wait(ops) {
+                Some(timeout) => match rx.recv_timeout(timeout) {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                },
+                None => break,
+            },
         }
     }
 }
@@ -477,7 +679,17 @@ impl Op {
 }
 
 /// Writes one group of operations in one transaction; how long the commit took.
-fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) -> std::time::Duration {
+///
+/// The transaction is committed to redb without an fsync and its changes appended to the
+/// write-ahead log, fsync'd when anyone waits for the group; or, when a checkpoint is due (or the
+/// log is full), committed durably with the log generation it covers, after which the log starts
+/// over. An empty group is a checkpoint of its own.
+fn write_group(
+    db: &Database,
+    shared: &Shared,
+    ops: Vec<Op>,
+    log: &mut Logged,
+) -> std::time::Duration {
     let mut effects = Effects::default();
     let mut pending = Vec::new();
     let (stored, settled) = ops.iter().fold((0u64, 0u64), |(s, t), op| match op {
@@ -485,23 +697,54 @@ fn write_group(db: &Database, shared: &Shared, ops: Vec<Op>) -> std::time::Durat
         Op::Complete(_) | Op::Retry { .. } | Op::Bury(..) => (s, t + 1),
         _ => (s, t),
     });
-    let started = std::time::Instant::now();
+    let awaited = ops.iter().any(Op::awaited);
+    let mut checkpoint = ops.is_empty() || log.checkpoint_due();
+    let started = Instant::now();
+    log.started = started;
     let result = (|| -> Result<(), SpoolError> {
         let mut txn = db.begin_write().map_err(storage)?;
-        txn.set_durability(Durability::Immediate).map_err(storage)?;
-        {
-            let mut tables = Tables::open(&txn)?;
+        let entries = {
+            let mut tables = Tables::open(&txn, !checkpoint)?;
             for op in ops {
                 apply(&mut tables, shared, op, &mut effects, &mut pending)?;
             }
-        }
-        {
+            let used = (shared.used.load(Ordering::Acquire) as i64 + effects.used).max(0) as u64;
+            tables.note(Entry::Used(used));
             let mut meta = txn.open_table(META).map_err(storage)?;
-            let used = shared.used.load(Ordering::Acquire) as i64 + effects.used;
-            meta.insert(USED_BYTES, used.max(0) as u64)
-                .map_err(storage)?;
+            meta.insert(USED_BYTES, used).map_err(storage)?;
+            let entries = tables.log.take();
+            if entries
+                .as_ref()
+                .is_some_and(|e| !log.wal.has_room(e.as_bytes().len()))
+            {
+                checkpoint = true;
+            }
+            if checkpoint {
+                meta.insert(WAL_GENERATION, log.wal.generation())
+                    .map_err(storage)?;
+            }
+            entries
+        };
+        if checkpoint {
+            txn.set_durability(Durability::Immediate).map_err(storage)?;
+            commit(txn)?;
+            log.wal.restart(log.wal.generation() + 1);
+            log.checkpointed = Instant::now();
+            log.behind = false;
+            return Ok(());
         }
-        commit(txn)
+        let entries = entries.expect("logged unless a checkpoint");
+        // On disk first: if the log cannot be written, the transaction is dropped undone.
+        log.wal.append(&entries, awaited).map_err(|e| {
+            storage(format!(
+                "cannot write the spool's log {}: {e}",
+                log.wal.path.display()
+            ))
+        })?;
+        txn.set_durability(Durability::None).map_err(storage)?;
+        commit(txn)?;
+        log.behind = true;
+        Ok(())
     })();
     let outcome = if result.is_ok() { "ok" } else { "error" };
     metrics::counter!(m::SPOOL_COMMITS, "outcome" => outcome).increment(1);
@@ -693,14 +936,9 @@ fn insert_delivery(
     effects: &mut Effects,
 ) -> Result<(), SpoolError> {
     let id = id_of(&d.id);
-    t.pending
-        .insert(
-            (&*d.target, d.due_at, id),
-            codec::encode_delivery(d).as_slice(),
-        )
-        .map_err(storage)?;
+    t.pending_insert(&d.target, d.due_at, id, &codec::encode_delivery(d))?;
     if in_age(d) {
-        t.age.insert((&*d.target, id), ()).map_err(storage)?;
+        t.age_insert(&d.target, id)?;
     }
     *effects.queued.entry(d.target.clone()).or_default() += 1;
     effects.used += cost(d) as i64;
@@ -708,13 +946,9 @@ fn insert_delivery(
 }
 
 fn remove_delivery(t: &mut Tables<'_>, key: &Key, effects: &mut Effects) -> Result<(), SpoolError> {
-    let existed = t
-        .pending
-        .remove((&*key.target, key.due, key.id))
-        .map_err(storage)?
-        .is_some();
+    let existed = t.pending_remove(&key.target, key.due, key.id)?;
     if key.aged {
-        t.age.remove((&*key.target, key.id)).map_err(storage)?;
+        t.age_remove(&key.target, key.id)?;
     }
     if existed {
         *effects.queued.entry(key.target.clone()).or_default() -= 1;
@@ -729,11 +963,7 @@ fn insert_dead(
     letter: &DeadLetter,
     effects: &mut Effects,
 ) -> Result<(), SpoolError> {
-    let previous = t
-        .dead
-        .insert(id_of(&letter.id), codec::encode_dead(letter).as_slice())
-        .map_err(storage)?
-        .map(|old| codec::dead_target(old.value()).unwrap_or_default());
+    let previous = t.dead_insert(id_of(&letter.id), &codec::encode_dead(letter))?;
     if let Some(old) = previous {
         *effects.dead.entry(old).or_default() -= 1;
     }
@@ -745,12 +975,7 @@ fn insert_dead(
 }
 
 fn remove_dead(t: &mut Tables<'_>, id: u128, effects: &mut Effects) -> Result<bool, SpoolError> {
-    let removed = t
-        .dead
-        .remove(id)
-        .map_err(storage)?
-        .map(|old| codec::dead_target(old.value()).unwrap_or_default());
-    match removed {
+    match t.dead_remove(id)? {
         Some(target) => {
             *effects.dead.entry(target).or_default() -= 1;
             Ok(true)
@@ -797,19 +1022,13 @@ fn apply(
         Op::Complete(key) => remove_delivery(t, &key, effects)?,
         Op::Retry { delivery, old_due } => {
             let id = id_of(&delivery.id);
-            t.pending
-                .remove((&*delivery.target, old_due, id))
-                .map_err(storage)?;
-            t.pending
-                .insert(
-                    (&*delivery.target, delivery.due_at, id),
-                    codec::encode_delivery(&delivery).as_slice(),
-                )
-                .map_err(storage)?;
+            t.pending_remove(&delivery.target, old_due, id)?;
+            let record = codec::encode_delivery(&delivery);
+            t.pending_insert(&delivery.target, delivery.due_at, id, &record)?;
             if in_age(&delivery) {
-                t.age.insert((&*delivery.target, id), ()).map_err(storage)?;
+                t.age_insert(&delivery.target, id)?;
             } else {
-                t.age.remove((&*delivery.target, id)).map_err(storage)?;
+                t.age_remove(&delivery.target, id)?;
             }
             effects.settled.push((delivery.target.clone(), id));
         }
@@ -1390,12 +1609,11 @@ mod tests {
         assert_eq!(taken[0].id, a.id);
     }
 
-    #[tokio::test]
-    async fn complete_retry_and_bury_are_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+    /// Stores `a` and `b` (target `t`) and `c` (target `u`), then settles them: `a` delivered,
+    /// `b` retried at 500 after 3 attempts, `c` buried.
+    async fn complete_retry_and_bury(spool: &RedbSpool) -> (Delivery, Delivery, Delivery) {
         let (a, b, c) = (delivery("t", 1), delivery("t", 1), delivery("u", 1));
-        put(&spool, vec![a.clone(), b.clone(), c.clone()]).await;
+        put(spool, vec![a.clone(), b.clone(), c.clone()]).await;
         let mut taken = spool.take_due("t", 1, 10);
         assert_eq!(taken.len(), 2);
         spool.complete(&taken[0]);
@@ -1404,20 +1622,14 @@ mod tests {
         again.last_error = Some("HTTP 503".into());
         spool.retry_at(again, 500);
         let c_taken = spool.take_due("u", 1, 10).remove(0);
-        spool.bury(
-            &c_taken,
-            DeadLetter::of_delivery(
-                &c_taken,
-                "gave up".into(),
-                Some(500),
-                Bytes::from_static(b"oops"),
-                7,
-            ),
-        );
-        spool.flush().await.unwrap();
-        drop(spool);
+        let oops = Bytes::from_static(b"oops");
+        let letter = DeadLetter::of_delivery(&c_taken, "gave up".into(), Some(500), oops, 7);
+        spool.bury(&c_taken, letter);
+        (a, b, c)
+    }
 
-        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+    /// What [`complete_retry_and_bury`] leaves, seen by a spool opened again.
+    fn assert_completed_retried_and_buried(spool: &RedbSpool, b: &Delivery, c: &Delivery) {
         assert!(spool.take_due("t", 499, 10).is_empty());
         let retried = spool.take_due("t", 500, 10);
         assert_eq!(retried.len(), 1);
@@ -1430,6 +1642,60 @@ mod tests {
         assert_eq!(dead.last_status, Some(500));
         assert_eq!(dead.last_answer, Bytes::from_static(b"oops"));
         assert_eq!(spool.dead_counts(), vec![("u".to_string(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn complete_retry_and_bury_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let (_, b, c) = complete_retry_and_bury(&spool).await;
+        spool.flush().await.unwrap();
+        drop(spool);
+
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        assert_completed_retried_and_buried(&spool, &b, &c);
+    }
+
+    /// The files as a crash of the process would leave them: copied while the spool is open, so
+    /// redb holds only its last checkpoint and the write-ahead log the rest.
+    fn crash_image(from: &Path, files: &[&str]) -> tempfile::TempDir {
+        let to = tempfile::tempdir().unwrap();
+        for file in files {
+            std::fs::copy(from.join(file), to.path().join(file)).unwrap();
+        }
+        to
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_the_write_ahead_log_restores_what_redb_had_not_made_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let (_, b, c) = complete_retry_and_bury(&spool).await;
+        let d = delivery("t", 2);
+        put(&spool, vec![d.clone()]).await;
+        spool.flush().await.unwrap();
+        let used = spool.used_bytes();
+
+        // redb alone has none of it: its last durable commit came before.
+        let only_redb = crash_image(dir.path(), &["spool.redb"]);
+        let bare = RedbSpool::open(only_redb.path(), 1 << 30).unwrap();
+        assert_eq!(bare.stats("t").queued, 0);
+        assert!(bare.get_dead(&c.id).unwrap().is_none());
+        drop(bare);
+
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal"]);
+        drop(spool);
+        // Opened twice: the first replays the log, and closing checkpoints; the second must
+        // find the same, not the log applied again.
+        for reopening in 0..2 {
+            let spool = RedbSpool::open(image.path(), 1 << 30).unwrap();
+            assert_eq!(spool.used_bytes(), used, "reopening {reopening}");
+            assert_eq!(spool.stats("t").queued, 2, "reopening {reopening}");
+            let due = spool.take_due("t", 2, 10);
+            assert_eq!(due.len(), 1, "reopening {reopening}");
+            assert_eq!(due[0].id, d.id);
+            assert_completed_retried_and_buried(&spool, &b, &c);
+        }
     }
 
     #[tokio::test]
