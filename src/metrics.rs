@@ -18,6 +18,7 @@ pub const SCRIPT_ERRORS: &str = "switchyard_script_errors_total";
 pub const SPOOL_COMMITS: &str = "switchyard_spool_commits_total";
 pub const SPOOL_COMMIT_DURATION: &str = "switchyard_spool_commit_duration_seconds";
 pub const SPOOL_COMMIT_OPS: &str = "switchyard_spool_commit_ops_total";
+pub const SPOOL_CHECKPOINTS: &str = "switchyard_spool_checkpoints_total";
 
 /// Metric handles kept by whoever records the same few series over and over (a delivery lane,
 /// an ingress thread), found by their label values. The `counter!`/`histogram!` macros build,
@@ -123,6 +124,10 @@ fn describe() {
     metrics::describe_histogram!(
         SPOOL_COMMIT_DURATION,
         "Time to write one spool transaction: its write-ahead log record, or a checkpoint"
+    );
+    metrics::describe_counter!(
+        SPOOL_CHECKPOINTS,
+        "Durable commits of the spool's database, after which its write-ahead log starts over"
     );
     metrics::describe_counter!(
         SPOOL_COMMIT_OPS,

@@ -172,6 +172,19 @@ async fn metrics_after_traffic() {
         "{text}"
     );
     assert!(value("switchyard_spool_commit_duration_seconds_count") >= 1.0);
+    // A second after those transactions, redb is checkpointed and its write-ahead log starts over.
+    eventually(WAIT, "a checkpoint of the spool", || async {
+        let text = client()
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sample_value(&text, "switchyard_spool_checkpoints_total ").is_some_and(|n| n >= 1.0)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,11 @@ const WAL_BYTES: u64 = 64 << 20;
 /// How long redb may hold changes that only the write-ahead log makes durable: after this the
 /// next group (or, idle, a group of its own) commits redb durably and the log starts over.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How far the spool's byte count may move, up or down, between checkpoints. Deliveries stored
+/// and settled while the targets keep up cancel out and cost a checkpoint next to nothing; a
+/// backlog that grows (a target down) or drains changes pages that a checkpoint must write, and
+/// checkpoints that come often keep each one short, as an acknowledgement may wait for one.
+const CHECKPOINT_DRIFT: u64 = 256 << 10;
 /// Least time between the starts of two groups: under load a group waits out the rest, so that
 /// one transaction and one fsync carry more operations (each costs CPU time as well as the wait
 /// for the disk); a callback arriving after a pause does not wait.
@@ -535,6 +540,8 @@ struct Logged {
     checkpointed: Instant,
     /// Whether redb holds changes since then that only the log makes durable.
     behind: bool,
+    /// How the spool's byte count moved since then.
+    drift: i64,
     /// When the last group's transaction started.
     started: Instant,
 }
@@ -551,6 +558,7 @@ fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>, wal: Wal)
         wal,
         checkpointed: Instant::now(),
         behind: false,
+        drift: 0,
         started: Instant::now(),
     };
     loop {
@@ -713,10 +721,10 @@ fn write_group(
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert(USED_BYTES, used).map_err(storage)?;
             let entries = tables.log.take();
-            if entries
-                .as_ref()
-                .is_some_and(|e| !log.wal.has_room(e.as_bytes().len()))
-            {
+            if entries.as_ref().is_some_and(|e| {
+                !log.wal.has_room(e.as_bytes().len())
+                    || (log.drift + effects.used).unsigned_abs() > CHECKPOINT_DRIFT
+            }) {
                 checkpoint = true;
             }
             if checkpoint {
@@ -731,6 +739,8 @@ fn write_group(
             log.wal.restart(log.wal.generation() + 1);
             log.checkpointed = Instant::now();
             log.behind = false;
+            log.drift = 0;
+            metrics::counter!(m::SPOOL_CHECKPOINTS).increment(1);
             return Ok(());
         }
         let entries = entries.expect("logged unless a checkpoint");
@@ -744,6 +754,7 @@ fn write_group(
         txn.set_durability(Durability::None).map_err(storage)?;
         commit(txn)?;
         log.behind = true;
+        log.drift += effects.used;
         Ok(())
     })();
     let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -1696,6 +1707,32 @@ mod tests {
             assert_eq!(due[0].id, d.id);
             assert_completed_retried_and_buried(&spool, &b, &c);
         }
+    }
+
+    #[tokio::test]
+    async fn a_growing_backlog_and_an_idle_second_are_checkpointed_into_redb() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let big = |due| Delivery {
+            body: Bytes::from(vec![b'x'; 100 << 10]),
+            ..delivery("t", due)
+        };
+        // The third grows the spool past CHECKPOINT_DRIFT since the last checkpoint: its group
+        // is committed to redb durably, with the two before; the fourth is in the log only.
+        for due in 1..=4 {
+            put(&spool, vec![big(due)]).await;
+        }
+        let in_redb = |dir: &Path| {
+            let image = crash_image(dir, &["spool.redb"]);
+            RedbSpool::open(image.path(), 1 << 30)
+                .unwrap()
+                .stats("t")
+                .queued
+        };
+        assert_eq!(in_redb(dir.path()), 3);
+        // Idle for a second: a checkpoint of its own.
+        tokio::time::sleep(CHECKPOINT_EVERY + std::time::Duration::from_millis(500)).await;
+        assert_eq!(in_redb(dir.path()), 4);
     }
 
     #[tokio::test]
