@@ -110,6 +110,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     ));
 
     let admin_stop = CancellationToken::new();
+    let upkeep_task = tokio::spawn(metrics::upkeep(prometheus.clone(), admin_stop.clone()));
     let admin = Arc::new(admin::Admin {
         rules: rules.clone(),
         reloader,
@@ -171,6 +172,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> Result<(), Star
     let _ = reload_task.await;
     let _ = retention_task.await;
     let _ = admin_task.await;
+    let _ = upkeep_task.await;
     tracing::info!("switchyard stopped");
     Ok(())
 }

@@ -63,6 +63,33 @@ impl<K: PartialEq, H> Kept<K, H> {
     }
 }
 
+/// How often the histograms take in the samples recorded since the last time.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Until `stop`, every [`UPKEEP_EVERY`]: the samples the histograms recorded since the last time
+/// are counted into their buckets and dropped. Without it they are kept until `/metrics` is
+/// scraped — about four per callback, so under load a gateway that nobody scrapes, or scrapes
+/// once a minute, grew by megabytes every second.
+pub async fn upkeep(handle: PrometheusHandle, stop: tokio_util::sync::CancellationToken) {
+    every(UPKEEP_EVERY, stop, || handle.run_upkeep()).await
+}
+
+/// Calls `f` every `period` until `stop`.
+async fn every(
+    period: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    mut f: impl FnMut(),
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => f(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -185,6 +212,36 @@ mod tests {
         assert_eq!(&*command_label("a command with spaces"), "other");
         assert_eq!(&*command_label(&"x".repeat(101)), "other");
         assert_eq!(&*command_label(""), "");
+    }
+
+    #[tokio::test]
+    async fn upkeep_runs_every_period_until_stopped() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let (calls, stop) = (calls.clone(), stop.clone());
+            async move {
+                every(std::time::Duration::from_millis(20), stop, || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                })
+                .await
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while calls.load(Ordering::SeqCst) < 3 {
+            assert!(std::time::Instant::now() < deadline, "upkeep did not run");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        let after = calls.load(Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            after,
+            "upkeep ran after the stop"
+        );
     }
 
     #[test]
