@@ -216,10 +216,6 @@ impl RedbSpool {
                 .map_err(|e| storage(format!("cannot read {}: {e}", wal_path.display())))?
                 .map_err(|e| storage(format!("{}: {e}", wal_path.display())))?;
             if replayed > 0 {
-                // The log's changes are now redb's, durably with this commit: the log starts
-                // over with the generation after.
-                meta.insert(WAL_GENERATION, checkpointed + 1)
-                    .map_err(storage)?;
                 meta.insert(USED_BYTES, used.unwrap_or(0))
                     .map_err(storage)?;
                 tracing::info!(
@@ -227,7 +223,13 @@ impl RedbSpool {
                     "spool changes since the last checkpoint restored from the write-ahead log"
                 );
             }
-            wal.restart(checkpointed + 1 + u64::from(replayed > 0));
+            // The log's changes are now redb's, durably with this commit, and the log starts over
+            // with the generation after — even when nothing was replayed: a record the last run
+            // wrote but never fsync'd may lie behind a torn one, and must never be read as one of
+            // the records written from now on.
+            meta.insert(WAL_GENERATION, checkpointed + 1)
+                .map_err(storage)?;
+            wal.restart(checkpointed + 2);
             used.unwrap_or(0)
         };
         txn.commit().map_err(storage)?;
@@ -1707,6 +1709,53 @@ mod tests {
             assert_eq!(due[0].id, d.id);
             assert_completed_retried_and_buried(&spool, &b, &c);
         }
+    }
+
+    /// A crash can leave a torn record with a whole one behind it that was never fsync'd (nor
+    /// acknowledged). The next run must not take that one for its own when its records reach
+    /// up to it: here the next run's first record is as long as the torn one, so the stale record
+    /// follows it exactly.
+    #[tokio::test]
+    async fn a_stale_record_behind_a_torn_one_is_never_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = delivery("t", 1);
+        let stale = delivery("t", 2);
+        let record_of = |d: &Delivery| {
+            let mut e = wal::Entries::default();
+            e.push(&Entry::PendingInsert {
+                target: &d.target,
+                due: d.due_at,
+                id: id_of(&d.id),
+                value: &codec::encode_delivery(d),
+            });
+            e.push(&Entry::Used(cost(d)));
+            e
+        };
+        {
+            let mut log = Wal::open(&dir.path().join("spool.wal"), WAL_BYTES).unwrap();
+            log.append(&record_of(&x), false).unwrap();
+            log.append(&record_of(&stale), false).unwrap();
+        }
+        // The first record torn: its last byte never reached the disk.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("spool.wal"))
+            .unwrap();
+        let torn_at = (wal::HEADER + record_of(&x).as_bytes().len() - 1) as u64;
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0xee], torn_at).unwrap();
+
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(spool.stats("t").queued, 0);
+        put(&spool, vec![x.clone()]).await;
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal"]);
+        drop(spool);
+        let spool = RedbSpool::open(image.path(), 1 << 30).unwrap();
+        let queued: Vec<Arc<str>> = spool
+            .take_due("t", 10, 10)
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(queued, vec![x.id.clone()]);
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: u32 = 0x5359_574c; // "SYWL"
 /// magic, payload length, generation, crc32.
-const HEADER: usize = 4 + 4 + 8 + 4;
+pub const HEADER: usize = 4 + 4 + 8 + 4;
 
 /// One change to a spool table, as logged.
 #[derive(Debug, PartialEq, Eq)]
