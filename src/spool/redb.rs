@@ -745,9 +745,9 @@ fn write_group(
             metrics::counter!(m::SPOOL_CHECKPOINTS).increment(1);
             return Ok(());
         }
-        let entries = entries.expect("logged unless a checkpoint");
+        let mut entries = entries.expect("logged unless a checkpoint");
         // On disk first: if the log cannot be written, the transaction is dropped undone.
-        log.wal.append(&entries, awaited).map_err(|e| {
+        log.wal.append(&mut entries, awaited).map_err(|e| {
             storage(format!(
                 "cannot write the spool's log {}: {e}",
                 log.wal.path.display()
@@ -1733,8 +1733,8 @@ mod tests {
         };
         {
             let mut log = Wal::open(&dir.path().join("spool.wal"), WAL_BYTES).unwrap();
-            log.append(&record_of(&x), false).unwrap();
-            log.append(&record_of(&stale), false).unwrap();
+            log.append(&mut record_of(&x), false).unwrap();
+            log.append(&mut record_of(&stale), false).unwrap();
         }
         // The first record torn: its last byte never reached the disk.
         let file = std::fs::OpenOptions::new()

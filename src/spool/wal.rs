@@ -67,9 +67,15 @@ const DEAD_INSERT: u8 = 5;
 const DEAD_REMOVE: u8 = 6;
 const USED: u8 = 7;
 
-/// The entries of one record, encoded as they are added.
-#[derive(Default)]
+/// The entries of one record, encoded as they are added behind room for the record's header,
+/// which [`Wal::append`] fills in: the record is written from this buffer as it is.
 pub struct Entries(Vec<u8>);
+
+impl Default for Entries {
+    fn default() -> Entries {
+        Entries(vec![0; HEADER])
+    }
+}
 
 impl Entries {
     pub fn push(&mut self, entry: &Entry<'_>) {
@@ -93,12 +99,13 @@ impl Entries {
                 b.extend_from_slice(&due.to_le_bytes());
                 b.extend_from_slice(&id.to_le_bytes());
             }
-            Entry::AgeInsert { target, id } | Entry::AgeRemove { target, id } => {
-                b.push(if matches!(entry, Entry::AgeInsert { .. }) {
-                    AGE_INSERT
-                } else {
-                    AGE_REMOVE
-                });
+            Entry::AgeInsert { target, id } => {
+                b.push(AGE_INSERT);
+                put_bytes(b, target.as_bytes());
+                b.extend_from_slice(&id.to_le_bytes());
+            }
+            Entry::AgeRemove { target, id } => {
+                b.push(AGE_REMOVE);
                 put_bytes(b, target.as_bytes());
                 b.extend_from_slice(&id.to_le_bytes());
             }
@@ -118,8 +125,9 @@ impl Entries {
         }
     }
 
+    /// The entries, without the room for the header.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.0[HEADER..]
     }
 }
 
@@ -210,7 +218,6 @@ pub struct Wal {
     pos: u64,
     /// Whether records were written since the last fsync.
     unsynced: bool,
-    buf: Vec<u8>,
 }
 
 impl Wal {
@@ -238,7 +245,6 @@ impl Wal {
             generation: 1,
             pos: 0,
             unsynced: false,
-            buf: Vec::new(),
         })
     }
 
@@ -250,7 +256,7 @@ impl Wal {
         mut apply: impl FnMut(&[u8]) -> Result<(), String>,
     ) -> io::Result<Result<u64, String>> {
         let mut reader = io::BufReader::with_capacity(
-            1 << 20,
+            64 << 10,
             At {
                 file: &self.file,
                 pos: 0,
@@ -305,27 +311,20 @@ impl Wal {
 
     /// Appends one record; with `sync`, returns once it (and every record before it) is on disk.
     /// A record that could not be written is not counted: the next one takes its place.
-    pub fn append(&mut self, entries: &Entries, sync: bool) -> io::Result<()> {
-        let payload = entries.as_bytes();
-        let mut header = [0u8; HEADER];
+    pub fn append(&mut self, entries: &mut Entries, sync: bool) -> io::Result<()> {
+        let (header, payload) = entries.0.split_at_mut(HEADER);
+        let header: &mut [u8; HEADER] = header.try_into().expect("HEADER bytes");
         header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         header[8..16].copy_from_slice(&self.generation.to_le_bytes());
-        let crc = checksum(&header, payload);
+        let crc = checksum(header, payload);
         header[16..20].copy_from_slice(&crc.to_le_bytes());
-        self.buf.clear();
-        self.buf.extend_from_slice(&header);
-        self.buf.extend_from_slice(payload);
-        self.file.write_all_at(&self.buf, self.pos)?;
+        self.file.write_all_at(&entries.0, self.pos)?;
         self.unsynced = true;
         if sync {
             self.sync()?;
         }
-        self.pos += self.buf.len() as u64;
-        // One large group should not keep its buffer for ever.
-        if self.buf.capacity() > 1 << 20 {
-            self.buf = Vec::new();
-        }
+        self.pos += entries.0.len() as u64;
         Ok(())
     }
 
@@ -470,12 +469,12 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 16);
         wal.restart(4);
         for n in 0..3 {
-            wal.append(&sample(n), n == 2).unwrap();
+            wal.append(&mut sample(n), n == 2).unwrap();
         }
         // Generation 5 overwrites the start: the last record of generation 4 lies behind it.
         wal.restart(5);
-        wal.append(&sample(10), true).unwrap();
-        wal.append(&sample(11), true).unwrap();
+        wal.append(&mut sample(10), true).unwrap();
+        wal.append(&mut sample(11), true).unwrap();
         drop(wal);
 
         let wal = Wal::open(&path, 1 << 16).unwrap();
@@ -497,7 +496,7 @@ mod tests {
         let path = dir.path().join("spool.wal");
         let mut wal = Wal::open(&path, 1 << 16).unwrap();
         for n in 0..3 {
-            wal.append(&sample(n), true).unwrap();
+            wal.append(&mut sample(n), true).unwrap();
         }
         drop(wal);
         let record = (HEADER + sample(0).as_bytes().len()) as u64;
@@ -519,8 +518,8 @@ mod tests {
         let record = HEADER + sample(0).as_bytes().len();
         let mut wal = Wal::open(&path, 2 * record as u64).unwrap();
         assert!(wal.has_room(sample(0).as_bytes().len()));
-        wal.append(&sample(0), false).unwrap();
-        wal.append(&sample(1), true).unwrap();
+        wal.append(&mut sample(0), false).unwrap();
+        wal.append(&mut sample(1), true).unwrap();
         assert!(!wal.has_room(1));
         let mut seen = 0;
         let result = wal
