@@ -4,7 +4,10 @@
 //! commit was on its way to the disk and writes all of it in one transaction with one fsync, so
 //! the cost of durability is shared by every callback that arrived meanwhile (group commit).
 //! An enqueue resolves only after its commit returned, so the ingress acknowledges nothing that
-//! is not on disk.
+//! is not on disk. A commit is a record of the write-ahead log (`spool.wal`); redb itself is
+//! written durably about once a second (a checkpoint), and a group that only stores and completes
+//! deliveries is not written to redb at all until then (see [`Held`]), so that a delivery stored
+//! and completed in between never costs redb any work.
 //!
 //! Tables: `pending` ((target, due, id) → record) — the schedule with the records, scanned in due
 //! order per target, `age` (target, id) of the deliveries whose due time is not their creation
@@ -168,6 +171,13 @@ struct Shared {
     /// Per target, where `take_due`'s next scan starts; locked after `in_flight`.
     cursors: Mutex<HashMap<Arc<str>, Cursor>>,
     dead: Mutex<HashMap<String, u64>>,
+    /// Per target, deliveries settled by the write-ahead log alone whose stored copy redb still
+    /// holds (see [`Held`]): counted in `queued` and kept in `in_flight` — so no scan takes them
+    /// again — until the next transaction removes them; `stats` does not count them.
+    settling: Mutex<HashMap<Arc<str>, HashSet<u128>>>,
+    /// Per target, the id of the first delivery stored since the last transaction that only the
+    /// write-ahead log holds, for `stats` (redb's oldest is older, where redb has one).
+    held_first: Mutex<HashMap<Arc<str>, u128>>,
     used: AtomicU64,
     limit: u64,
     waker: Mutex<Option<Waker>>,
@@ -242,6 +252,8 @@ impl RedbSpool {
             fresh: Mutex::new(HashMap::default()),
             cursors: Mutex::new(HashMap::default()),
             dead: Mutex::new(dead),
+            settling: Mutex::new(HashMap::default()),
+            held_first: Mutex::new(HashMap::default()),
             used: AtomicU64::new(used),
             limit: limit_bytes,
             waker: Mutex::new(None),
@@ -509,6 +521,212 @@ struct Effects {
     settled: Vec<(Arc<str>, u128)>,
     /// Deliveries newly stored by `Enqueue`s, for the `fresh` cache.
     stored: Vec<Delivery>,
+    /// Targets whose deliveries only the log held and redb now holds too: a scheduler reading
+    /// redb finds them now.
+    applied: HashSet<Arc<str>>,
+    /// Whether the group wrote what only the log held to redb (see [`Held`]).
+    held_applied: bool,
+}
+
+impl Effects {
+    /// Adds the effects of the held changes a transaction wrote.
+    fn absorb(&mut self, held: Effects) {
+        for (target, delta) in held.queued {
+            *self.queued.entry(target).or_default() += delta;
+        }
+        self.used += held.used;
+        self.settled.extend(held.settled);
+        self.applied.extend(held.applied);
+        self.held_applied = true;
+    }
+}
+
+/// Changes that only the write-ahead log holds, not redb yet.
+///
+/// A group of operations that only store callbacks' deliveries and complete deliveries — the
+/// whole of the work while the targets keep up — is not written to redb at all: its changes go
+/// to the log, fsync'd, and are kept here until the next transaction (a checkpoint, at the
+/// latest a second later, or a group with any other operation), which writes them to redb
+/// first. A delivery stored and completed in between — nearly every one — never reaches redb:
+/// the completion cancels the held insert (the log has both, so a replay cancels them too).
+///
+/// What redb does not hold yet must not confuse its readers: a held delivery is in the `fresh`
+/// cache when the cache is complete (taken from memory as before), and otherwise found by the
+/// scan after the transaction that writes it (its target is woken then); a held removal keeps
+/// its id in `in_flight` — no scan takes it again — and counted in `queued` until it is written.
+#[derive(Default)]
+struct Held {
+    inserts: HashMap<u128, HeldInsert>,
+    /// Completed deliveries that redb holds.
+    removes: Vec<Key>,
+}
+
+struct HeldInsert {
+    target: Arc<str>,
+    due: u64,
+    record: Vec<u8>,
+    aged: bool,
+}
+
+/// One change a group planned for [`Held`].
+enum Change {
+    Insert(u128, HeldInsert),
+    /// The completion of a held delivery: neither is written.
+    Cancel(u128),
+    Remove(Key),
+}
+
+impl Held {
+    /// Whether `key`'s delivery is held (so redb does not have it).
+    fn holds(&self, key: &Key) -> bool {
+        self.inserts
+            .get(&key.id)
+            .is_some_and(|h| h.due == key.due && h.target == key.target)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inserts.is_empty() && self.removes.is_empty()
+    }
+
+    /// Keeps the changes of a group that the log now holds.
+    fn keep(&mut self, shared: &Shared, changes: Vec<Change>) {
+        let mut first = None;
+        let mut settling = None;
+        for change in changes {
+            match change {
+                Change::Insert(id, insert) => {
+                    let first = first.get_or_insert_with(|| lock(&shared.held_first));
+                    if !first.contains_key(&insert.target) {
+                        first.insert(insert.target.clone(), id);
+                    }
+                    self.inserts.insert(id, insert);
+                }
+                Change::Cancel(id) => {
+                    self.inserts.remove(&id);
+                }
+                Change::Remove(key) => {
+                    let settling = settling.get_or_insert_with(|| lock(&shared.settling));
+                    target_entry(settling, &key.target).insert(key.id);
+                    self.removes.push(key);
+                }
+            }
+        }
+    }
+
+    /// Writes the held changes in `t`, not to the log (which has them); their effects in `fx`.
+    fn write(&self, t: &mut Tables<'_>, fx: &mut Effects) -> Result<(), SpoolError> {
+        for (&id, h) in &self.inserts {
+            t.pending
+                .insert((&*h.target, h.due, id), h.record.as_slice())
+                .map_err(storage)?;
+            if h.aged {
+                t.age.insert((&*h.target, id), ()).map_err(storage)?;
+            }
+            if !fx.applied.contains(&h.target) {
+                fx.applied.insert(h.target.clone());
+            }
+        }
+        for key in &self.removes {
+            let existed = t
+                .pending
+                .remove((&*key.target, key.due, key.id))
+                .map_err(storage)?
+                .is_some();
+            if key.aged {
+                t.age.remove((&*key.target, key.id)).map_err(storage)?;
+            }
+            if existed {
+                *fx.queued.entry(key.target.clone()).or_default() -= 1;
+            } else {
+                // Its size was taken off the spool's count when it was completed.
+                fx.used += key.cost as i64;
+            }
+            fx.settled.push((key.target.clone(), key.id));
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.inserts.clear();
+        self.removes.clear();
+    }
+}
+
+/// A group that needs no transaction, planned from its operations.
+#[derive(Default)]
+struct Plan {
+    entries: wal::Entries,
+    changes: Vec<Change>,
+    effects: Effects,
+    /// Per `Enqueue`, in order: stored, or why not.
+    verdicts: Vec<Result<(), SpoolError>>,
+}
+
+/// Plans a group of deferrable operations (see [`Op::deferrable`]).
+fn plan(shared: &Shared, held: &Held, ops: &[Op]) -> Plan {
+    let mut p = Plan::default();
+    for op in ops {
+        match op {
+            Op::Enqueue(batch, _) => {
+                let extra: u64 = batch.deliveries.iter().map(cost).sum();
+                let verdict = fits(shared, &p.effects, extra);
+                if verdict.is_ok() {
+                    for d in &batch.deliveries {
+                        let id = id_of(&d.id);
+                        let record = codec::encode_delivery(d);
+                        let aged = in_age(d);
+                        p.entries.push(&Entry::PendingInsert {
+                            target: &d.target,
+                            due: d.due_at,
+                            id,
+                            value: &record,
+                        });
+                        if aged {
+                            p.entries.push(&Entry::AgeInsert {
+                                target: &d.target,
+                                id,
+                            });
+                        }
+                        *p.effects.queued.entry(d.target.clone()).or_default() += 1;
+                        p.effects.used += cost(d) as i64;
+                        let insert = HeldInsert {
+                            target: d.target.clone(),
+                            due: d.due_at,
+                            record,
+                            aged,
+                        };
+                        p.changes.push(Change::Insert(id, insert));
+                    }
+                }
+                p.verdicts.push(verdict);
+            }
+            Op::Complete(key) => {
+                p.entries.push(&Entry::PendingRemove {
+                    target: &key.target,
+                    due: key.due,
+                    id: key.id,
+                });
+                if key.aged {
+                    p.entries.push(&Entry::AgeRemove {
+                        target: &key.target,
+                        id: key.id,
+                    });
+                }
+                p.effects.used -= key.cost as i64;
+                if held.holds(key) {
+                    *p.effects.queued.entry(key.target.clone()).or_default() -= 1;
+                    p.effects.settled.push((key.target.clone(), key.id));
+                    p.changes.push(Change::Cancel(key.id));
+                } else {
+                    p.changes.push(Change::Remove(key.clone()));
+                }
+            }
+            _ => unreachable!("only deferrable operations are planned"),
+        }
+    }
+    let used = (shared.used.load(Ordering::Acquire) as i64 + p.effects.used).max(0) as u64;
+    p.entries.push(&Entry::Used(used));
+    p
 }
 
 enum Pending {
@@ -540,8 +758,10 @@ struct Logged {
     wal: Wal,
     /// When redb was last committed durably.
     checkpointed: Instant,
-    /// Whether redb holds changes since then that only the log makes durable.
+    /// Whether the log holds changes since then that redb does not hold durably.
     behind: bool,
+    /// Changes only the log holds, for the next transaction to write.
+    held: Held,
     /// How the spool's byte count moved since then.
     drift: i64,
     /// When the last group's transaction started.
@@ -560,6 +780,7 @@ fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>, wal: Wal)
         wal,
         checkpointed: Instant::now(),
         behind: false,
+        held: Held::default(),
         drift: 0,
         started: Instant::now(),
     };
@@ -686,14 +907,26 @@ impl Op {
     fn awaited(&self) -> bool {
         !matches!(self, Op::Complete(_) | Op::Retry { .. } | Op::Bury(..))
     }
+
+    /// Whether the operation may be held in the log alone (see [`Held`]): storing deliveries and
+    /// completing them. Anything else is written in a transaction, with what is held before it.
+    fn deferrable(&self) -> bool {
+        match self {
+            Op::Enqueue(batch, _) => batch.dead.is_empty(),
+            Op::Complete(_) => true,
+            _ => false,
+        }
+    }
 }
 
-/// Writes one group of operations in one transaction; how long the commit took.
+/// Writes one group of operations; how long it took.
 ///
-/// The transaction is committed to redb without an fsync and its changes appended to the
-/// write-ahead log, fsync'd when anyone waits for the group; or, when a checkpoint is due (or the
-/// log is full), committed durably with the log generation it covers, after which the log starts
-/// over. An empty group is a checkpoint of its own.
+/// A group that only stores and completes deliveries is appended to the write-ahead log as one
+/// record and held there (see [`Held`]), fsync'd when anyone waits for it. Any other group is a
+/// transaction that writes what is held and then the group to redb — committed without an fsync
+/// and its own changes appended to the log; or, when a checkpoint is due (or the log is full, or
+/// the spool's size moved [`CHECKPOINT_DRIFT`]), committed durably with the log generation it
+/// covers, after which the log starts over. An empty group is a checkpoint of its own.
 fn write_group(
     db: &Database,
     shared: &Shared,
@@ -707,58 +940,22 @@ fn write_group(
         Op::Complete(_) | Op::Retry { .. } | Op::Bury(..) => (s, t + 1),
         _ => (s, t),
     });
-    let awaited = ops.iter().any(Op::awaited);
-    let mut checkpoint = ops.is_empty() || log.checkpoint_due();
+    let checkpoint = ops.is_empty() || log.checkpoint_due();
     let started = Instant::now();
     log.started = started;
-    let result = (|| -> Result<(), SpoolError> {
-        let mut txn = db.begin_write().map_err(storage)?;
-        let entries = {
-            let mut tables = Tables::open(&txn, !checkpoint)?;
-            for op in ops {
-                apply(&mut tables, shared, op, &mut effects, &mut pending)?;
-            }
-            let used = (shared.used.load(Ordering::Acquire) as i64 + effects.used).max(0) as u64;
-            tables.note(Entry::Used(used));
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(USED_BYTES, used).map_err(storage)?;
-            let entries = tables.log.take();
-            if entries.as_ref().is_some_and(|e| {
-                !log.wal.has_room(e.as_bytes().len())
-                    || (log.drift + effects.used).unsigned_abs() > CHECKPOINT_DRIFT
-            }) {
-                checkpoint = true;
-            }
-            if checkpoint {
-                meta.insert(WAL_GENERATION, log.wal.generation())
-                    .map_err(storage)?;
-            }
-            entries
-        };
-        if checkpoint {
-            txn.set_durability(Durability::Immediate).map_err(storage)?;
-            commit(txn)?;
-            log.wal.restart(log.wal.generation() + 1);
-            log.checkpointed = Instant::now();
-            log.behind = false;
-            log.drift = 0;
-            metrics::counter!(m::SPOOL_CHECKPOINTS).increment(1);
-            return Ok(());
+    let result = if checkpoint || !ops.iter().all(Op::deferrable) {
+        transaction(db, shared, ops, log, checkpoint, &mut effects, &mut pending)
+    } else {
+        let plan = plan(shared, &log.held, &ops);
+        if log.wal.has_room(plan.entries.as_bytes().len())
+            && (log.drift + plan.effects.used).unsigned_abs() <= CHECKPOINT_DRIFT
+        {
+            log_only(shared, ops, plan, log, &mut effects, &mut pending)
+        } else {
+            // Too much for the log, or for redb to be behind by: a checkpoint.
+            transaction(db, shared, ops, log, true, &mut effects, &mut pending)
         }
-        let mut entries = entries.expect("logged unless a checkpoint");
-        // On disk first: if the log cannot be written, the transaction is dropped undone.
-        log.wal.append(&mut entries, awaited).map_err(|e| {
-            storage(format!(
-                "cannot write the spool's log {}: {e}",
-                log.wal.path.display()
-            ))
-        })?;
-        txn.set_durability(Durability::None).map_err(storage)?;
-        commit(txn)?;
-        log.behind = true;
-        log.drift += effects.used;
-        Ok(())
-    })();
+    };
     let outcome = if result.is_ok() { "ok" } else { "error" };
     metrics::counter!(m::SPOOL_COMMITS, "outcome" => outcome).increment(1);
     let took = started.elapsed();
@@ -774,6 +971,10 @@ fn write_group(
                 if let Some(set) = in_flight.get_mut(target) {
                     set.remove(id);
                 }
+            }
+            if effects.held_applied {
+                lock(&shared.settling).clear();
+                lock(&shared.held_first).clear();
             }
             // Targets with new deliveries are woken from here, not by whoever stored them: a
             // request dropped while its commit was on the way (the sender hung up) would
@@ -822,7 +1023,8 @@ fn write_group(
                     .settled
                     .iter()
                     .map(|(target, _)| target)
-                    .chain(&grown),
+                    .chain(&grown)
+                    .chain(&effects.applied),
             );
         }
         Err(e) => {
@@ -843,6 +1045,113 @@ fn write_group(
         }
     }
     took
+}
+
+/// Appends a planned group to the log and holds its changes.
+fn log_only(
+    shared: &Shared,
+    ops: Vec<Op>,
+    plan: Plan,
+    log: &mut Logged,
+    effects: &mut Effects,
+    pending: &mut Vec<Pending>,
+) -> Result<(), SpoolError> {
+    let awaited = ops.iter().any(Op::awaited);
+    let Plan {
+        mut entries,
+        changes,
+        effects: planned,
+        verdicts,
+    } = plan;
+    *effects = planned;
+    let mut verdicts = verdicts.into_iter();
+    for op in ops {
+        if let Op::Enqueue(batch, reply) = op {
+            let verdict = verdicts.next().expect("a verdict per enqueue");
+            if verdict.is_ok() {
+                effects.stored.extend(batch.deliveries);
+            }
+            pending.push(Pending::Unit(reply, verdict));
+        }
+    }
+    log.wal
+        .append(&mut entries, awaited)
+        .map_err(|e| log_error(log, e))?;
+    log.held.keep(shared, changes);
+    log.behind = true;
+    log.drift += effects.used;
+    Ok(())
+}
+
+fn log_error(log: &Logged, e: std::io::Error) -> SpoolError {
+    storage(format!(
+        "cannot write the spool's log {}: {e}",
+        log.wal.path.display()
+    ))
+}
+
+/// Writes what is held and then `ops` in one redb transaction: a checkpoint, or committed
+/// without an fsync with `ops`' changes appended to the log.
+fn transaction(
+    db: &Database,
+    shared: &Shared,
+    ops: Vec<Op>,
+    log: &mut Logged,
+    mut checkpoint: bool,
+    effects: &mut Effects,
+    pending: &mut Vec<Pending>,
+) -> Result<(), SpoolError> {
+    let awaited = ops.iter().any(Op::awaited);
+    let mut txn = db.begin_write().map_err(storage)?;
+    let mut held = Effects::default();
+    let entries = {
+        let mut tables = Tables::open(&txn, !checkpoint)?;
+        log.held.write(&mut tables, &mut held)?;
+        for op in ops {
+            apply(&mut tables, shared, op, effects, pending)?;
+        }
+        let moved = effects.used + held.used;
+        let used = (shared.used.load(Ordering::Acquire) as i64 + moved).max(0) as u64;
+        tables.note(Entry::Used(used));
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        meta.insert(USED_BYTES, used).map_err(storage)?;
+        let entries = tables.log.take();
+        if entries.as_ref().is_some_and(|e| {
+            !log.wal.has_room(e.as_bytes().len())
+                || (log.drift + moved).unsigned_abs() > CHECKPOINT_DRIFT
+        }) {
+            checkpoint = true;
+        }
+        if checkpoint {
+            meta.insert(WAL_GENERATION, log.wal.generation())
+                .map_err(storage)?;
+        }
+        entries
+    };
+    if checkpoint {
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        commit(txn)?;
+        log.wal.restart(log.wal.generation() + 1);
+        log.checkpointed = Instant::now();
+        log.behind = false;
+        log.drift = 0;
+        metrics::counter!(m::SPOOL_CHECKPOINTS).increment(1);
+    } else {
+        let mut entries = entries.expect("logged unless a checkpoint");
+        // On disk first: if the log cannot be written, the transaction is dropped undone.
+        log.wal
+            .append(&mut entries, awaited)
+            .map_err(|e| log_error(log, e))?;
+        txn.set_durability(Durability::None).map_err(storage)?;
+        commit(txn)?;
+        log.behind = true;
+        log.drift += effects.used + held.used;
+    }
+    if !log.held.is_empty() {
+        log.held.clear();
+        effects.absorb(held);
+    }
+    Ok(())
 }
 
 /// Whether the cache holds every queued, not-in-flight delivery of `target`.
@@ -1263,28 +1572,44 @@ impl Spool for RedbSpool {
         let in_flight = lock(&self.shared.in_flight)
             .get(target)
             .map_or(0, |s| s.len() as u64);
+        // Completed, and still in redb until the next transaction.
+        let settling = lock(&self.shared.settling)
+            .get(target)
+            .cloned()
+            .unwrap_or_default();
+        let (total, in_flight) = (
+            total.saturating_sub(settling.len() as u64),
+            in_flight.saturating_sub(settling.len() as u64),
+        );
+        let held = lock(&self.shared.held_first).get(target).copied();
+        let time_of = |id: u128| {
+            let (secs, nanos) = uuid::Uuid::from_u128(id).get_timestamp()?.to_unix();
+            Some(secs * 1000 + u64::from(nanos) / 1_000_000)
+        };
         let oldest = (|| {
             let txn = self.db.begin_read().ok()?;
-            let time_of = |id: u128| {
-                let (secs, nanos) = uuid::Uuid::from_u128(id).get_timestamp()?.to_unix();
-                Some(secs * 1000 + u64::from(nanos) / 1_000_000)
-            };
             let pending = txn.open_table(PENDING).ok()?;
             let first = pending
                 .range((target, 0u64, 0u128)..=(target, u64::MAX, u128::MAX))
                 .ok()?
-                .next()
-                .and_then(|e| e.ok())
-                .and_then(|(key, _)| time_of(key.value().2));
+                .filter_map(|e| e.ok())
+                .map(|(key, _)| key.value().2)
+                .find(|id| !settling.contains(id))
+                .and_then(time_of);
             let age = txn.open_table(AGE).ok()?;
             let listed = age
                 .range((target, 0u128)..=(target, u128::MAX))
                 .ok()?
-                .next()
-                .and_then(|e| e.ok())
-                .and_then(|(key, _)| time_of(key.value().1));
+                .filter_map(|e| e.ok())
+                .map(|(key, _)| key.value().1)
+                .find(|id| !settling.contains(id))
+                .and_then(time_of);
             first.into_iter().chain(listed).min()
         })();
+        // Deliveries only the log holds were stored after any that redb has.
+        let oldest = oldest
+            .or_else(|| held.and_then(time_of))
+            .filter(|_| total > 0);
         TargetStats {
             queued: total.saturating_sub(in_flight),
             in_flight,
@@ -1406,6 +1731,12 @@ mod tests {
         }
     }
 
+    /// The ids of the deliveries `take_due` hands out.
+    fn taken_ids(spool: &RedbSpool, target: &str, now_ms: u64, max: usize) -> Vec<Arc<str>> {
+        let taken = spool.take_due(target, now_ms, max);
+        taken.into_iter().map(|d| d.id).collect()
+    }
+
     async fn put(spool: &RedbSpool, deliveries: Vec<Delivery>) {
         spool
             .enqueue(Batch {
@@ -1434,11 +1765,7 @@ mod tests {
         // A crash with `a` in flight: both are there after reopening.
         drop(spool);
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
-        let ids: Vec<_> = spool
-            .take_due("t", 100, 10)
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let ids = taken_ids(&spool, "t", 100, 10);
         assert_eq!(ids, vec![a.id.clone(), b.id.clone()]);
     }
 
@@ -1569,11 +1896,7 @@ mod tests {
         // A late commit puts a delivery before the cursor.
         let late = delivery("t", 5);
         put(&spool, vec![late.clone()]).await;
-        let rest: Vec<Arc<str>> = spool
-            .take_due("t", 100, 10)
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let rest = taken_ids(&spool, "t", 100, 10);
         assert_eq!(rest.len(), 2, "{rest:?}");
         assert!(rest.contains(&late.id));
         assert!(rest.contains(&five[4].id));
@@ -1750,12 +2073,83 @@ mod tests {
         let image = crash_image(dir.path(), &["spool.redb", "spool.wal"]);
         drop(spool);
         let spool = RedbSpool::open(image.path(), 1 << 30).unwrap();
-        let queued: Vec<Arc<str>> = spool
-            .take_due("t", 10, 10)
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let queued = taken_ids(&spool, "t", 10, 10);
         assert_eq!(queued, vec![x.id.clone()]);
+    }
+
+    /// Rows of `pending` that redb's readers see now (checkpointed or not).
+    fn rows_in_redb(spool: &RedbSpool) -> Vec<u128> {
+        let txn = spool.db.begin_read().unwrap();
+        let pending = txn.open_table(PENDING).unwrap();
+        let rows = pending.iter().unwrap();
+        rows.map(|e| e.unwrap().0.value().2).collect()
+    }
+
+    #[tokio::test]
+    async fn a_delivery_completed_before_the_next_transaction_never_reaches_redb() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let (a, b) = (delivery("t", 1), delivery("t", 1));
+        put(&spool, vec![a.clone(), b.clone()]).await;
+        let taken = spool.take_due("t", 1, 10);
+        assert_eq!(taken.len(), 2);
+        spool.complete(&taken[0]);
+        // Written after the completion (one writer, in order).
+        let c = delivery("t", 2);
+        put(&spool, vec![c.clone()]).await;
+        assert!(rows_in_redb(&spool).is_empty(), "held in the log only");
+        assert_eq!(spool.stats("t").in_flight, 1);
+        assert_eq!(spool.stats("t").queued, 1);
+
+        // A crash now: the log has all of it.
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal"]);
+        // The next transaction writes what is held: `a` is not among it.
+        spool.flush().await.unwrap();
+        let mut rows = rows_in_redb(&spool);
+        rows.sort();
+        let mut want = vec![id_of(&b.id), id_of(&c.id)];
+        want.sort();
+        assert_eq!(rows, want);
+        drop(spool);
+        let spool = RedbSpool::open(image.path(), 1 << 30).unwrap();
+        let ids = taken_ids(&spool, "t", 10, 10);
+        assert_eq!(ids, vec![b.id.clone(), c.id.clone()]);
+    }
+
+    /// Completions of deliveries read from redb are held in the log until the next transaction:
+    /// meanwhile no scan of redb may hand them out again, and a delivery stored meanwhile, which
+    /// only the log has, is handed out once the transaction wrote it.
+    #[tokio::test]
+    async fn held_completions_are_not_taken_again_and_held_deliveries_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let n = 2 + READ_AHEAD + 5;
+        let backlog: Vec<Delivery> = (0..n).map(|_| delivery("t", 1)).collect();
+        put(&spool, backlog.clone()).await;
+        drop(spool);
+        // Opened again, nothing is cached: the first take reads redb, two and a window.
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let first = spool.take_due("t", 1, 2);
+        assert_eq!(first.len(), 2);
+        for d in &first {
+            spool.complete(d);
+        }
+        let late = delivery("t", 1);
+        put(&spool, vec![late.clone()]).await;
+        assert_eq!(spool.stats("t").in_flight, 0);
+        assert_eq!(spool.stats("t").queued, (n - 2 + 1) as u64);
+        // The window, then the rest of redb from the cursor and from the start, where the two
+        // completed ones still are.
+        let mut seen: Vec<Arc<str>> = first.iter().map(|d| d.id.clone()).collect();
+        seen.extend(spool.take_due("t", 1, 10_000).into_iter().map(|d| d.id));
+        spool.flush().await.unwrap();
+        seen.extend(spool.take_due("t", 1, 10_000).into_iter().map(|d| d.id));
+        let mut want: Vec<Arc<str>> = backlog.iter().map(|d| d.id.clone()).collect();
+        want.push(late.id.clone());
+        seen.sort();
+        want.sort();
+        assert_eq!(seen, want, "every delivery handed out once");
+        assert_eq!(spool.stats("t").in_flight, (n - 2 + 1) as u64);
     }
 
     #[tokio::test]
