@@ -940,7 +940,10 @@ fn write_group(
     let checkpoint = ops.is_empty() || log.checkpoint_due();
     let started = Instant::now();
     log.started = started;
-    let result = if checkpoint || !ops.iter().all(|op| op.deferrable(&log.held)) {
+    let result = if checkpoint
+        || !ops.iter().all(|op| op.deferrable(&log.held))
+        || !taken_from_memory(shared, &ops)
+    {
         transaction(db, shared, ops, log, checkpoint, &mut effects, &mut pending)
     } else {
         let plan = plan(shared, &ops);
@@ -1038,6 +1041,32 @@ fn write_group(
         }
     }
     took
+}
+
+/// Whether the deliveries that `ops` store will be taken from the `fresh` cache, their targets'
+/// caches holding every delivery queued. Where they do not (a backlog in redb), a held delivery
+/// gains nothing — it would be read from redb once written — and the checkpoint that wrote it
+/// would carry the work every group would otherwise have done: those groups are transactions.
+fn taken_from_memory(shared: &Shared, ops: &[Op]) -> bool {
+    let mut targets: Vec<&str> = Vec::new();
+    for op in ops {
+        if let Op::Enqueue(batch, _) = op {
+            for d in &batch.deliveries {
+                if !targets.contains(&&*d.target) {
+                    targets.push(&d.target);
+                }
+            }
+        }
+    }
+    if targets.is_empty() {
+        return true;
+    }
+    let in_flight = lock(&shared.in_flight);
+    let queued = lock(&shared.queued);
+    let fresh = lock(&shared.fresh);
+    targets
+        .iter()
+        .all(|t| cache_complete(&in_flight, &queued, &fresh, t))
 }
 
 /// Appends a planned group to the log and holds its changes.
