@@ -66,7 +66,7 @@ impl<K: PartialEq, H> Kept<K, H> {
 /// How often the histograms take in the samples recorded since the last time.
 const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Until `stop`, every [`UPKEEP_EVERY`]: the samples the histograms recorded since the last time
+/// Until `stop`, every `UPKEEP_EVERY`: the samples the histograms recorded since the last time
 /// are counted into their buckets and dropped. Without it they are kept until `/metrics` is
 /// scraped — about four per callback, so under load a gateway that nobody scrapes, or scrapes
 /// once a minute, grew by megabytes every second.

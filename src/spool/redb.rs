@@ -6,7 +6,7 @@
 //! An enqueue resolves only after its commit returned, so the ingress acknowledges nothing that
 //! is not on disk. A commit is a record of the write-ahead log (`spool.wal`); redb itself is
 //! written durably about once a second (a checkpoint), and a group that only stores and completes
-//! deliveries is not written to redb at all until then (see [`Held`]), so that a delivery stored
+//! deliveries is not written to redb at all until then (see `Held`), so that a delivery stored
 //! and completed in between never costs redb any work.
 //!
 //! Tables: `pending` ((target, due, id) → record) — the schedule with the records, scanned in due
@@ -535,9 +535,9 @@ struct Effects {
 /// replay cancels them too). Any other operation is a transaction, and one that concerns a held
 /// delivery (a retry, a dead letter) writes that delivery to redb first.
 ///
-/// A held delivery is in the `fresh` cache when the target's cache is complete, and taken from
-/// memory as before; otherwise a scan of redb finds it after the checkpoint that writes it (its
-/// target is woken then) — it queued behind a backlog in redb anyway.
+/// Deliveries are held only where their target's `fresh` cache holds every delivery queued (see
+/// [`taken_from_memory`]), so they are taken from memory as before; one the cache had no room
+/// for is found by a scan of redb after the checkpoint that writes it (its target is woken then).
 #[derive(Default)]
 struct Held {
     inserts: HashMap<u128, HeldInsert>,
@@ -751,7 +751,7 @@ struct Logged {
     held: Held,
     /// How the spool's byte count moved since then.
     drift: i64,
-    /// When the last group's transaction started.
+    /// When the last group started.
     started: Instant,
 }
 
@@ -1112,8 +1112,9 @@ fn log_error(log: &Logged, e: std::io::Error) -> SpoolError {
     ))
 }
 
-/// Writes what is held and then `ops` in one redb transaction: a checkpoint, or committed
-/// without an fsync with `ops`' changes appended to the log.
+/// Writes `ops` in one redb transaction — first the held deliveries they retry or bury, and at a
+/// checkpoint every held delivery — either as a checkpoint, or committed without an fsync with
+/// `ops`' changes appended to the log.
 fn transaction(
     db: &Database,
     shared: &Shared,
@@ -2102,7 +2103,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_delivery_completed_before_the_next_transaction_never_reaches_redb() {
+    async fn a_delivery_completed_before_the_checkpoint_never_reaches_redb() {
         let dir = tempfile::tempdir().unwrap();
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
         let (a, b) = (delivery("t", 1), delivery("t", 1));
@@ -2135,9 +2136,9 @@ mod tests {
         assert_eq!(ids, vec![b.id.clone(), c.id.clone()]);
     }
 
-    /// A backlog read from redb, completed in part, and a delivery stored meanwhile that only
-    /// the log holds while the backlog is read (the target's cache is not complete): each is
-    /// handed out once, the held one after the next transaction wrote it to redb.
+    /// A backlog read from redb, completed in part, and a delivery stored behind it (its target's
+    /// cache is not complete, so it goes to redb at once rather than being held): each is handed
+    /// out once.
     #[tokio::test]
     async fn a_backlog_and_a_delivery_held_meanwhile_are_each_handed_out_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -2157,8 +2158,7 @@ mod tests {
         put(&spool, vec![late.clone()]).await;
         assert_eq!(spool.stats("t").in_flight, 0);
         assert_eq!(spool.stats("t").queued, (n - 2 + 1) as u64);
-        // The window, then the rest of redb from the cursor and from the start, where the two
-        // completed ones still are.
+        // The window, then the rest of redb from the cursor and from the start.
         let mut seen: Vec<Arc<str>> = first.iter().map(|d| d.id.clone()).collect();
         seen.extend(spool.take_due("t", 1, 10_000).into_iter().map(|d| d.id));
         spool.flush().await.unwrap();
