@@ -124,6 +124,7 @@ fn serve(settings: Settings) -> ExitCode {
     init_logging(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.worker_threads())
+        .on_thread_start(switchyard::sched::prompt)
         .enable_all()
         .build()
     {

@@ -260,7 +260,10 @@ impl RedbSpool {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("spool-writer".into())
-                .spawn(move || write_loop(&db, &shared, &rx, wal))
+                .spawn(move || {
+                    crate::sched::prompt();
+                    write_loop(&db, &shared, &rx, wal)
+                })
                 .map_err(storage)?
         };
         Ok(RedbSpool {
