@@ -2175,6 +2175,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deliveries_held_past_the_in_memory_window_are_handed_out_after_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Instant::now();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let woken = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen_by = woken.clone();
+        spool.on_ready(Arc::new(move |target: &str| {
+            lock(&seen_by).push(target.to_owned())
+        }));
+        // The first group nearly fills the target's window; the second is held in the log like
+        // it, but has no room there: neither the window nor redb has it until the checkpoint.
+        let first: Vec<Delivery> = (0..FRESH_MAX - 2).map(|_| delivery("t", 1)).collect();
+        put(&spool, first.clone()).await;
+        let second: Vec<Delivery> = (0..5).map(|_| delivery("t", 1)).collect();
+        put(&spool, second.clone()).await;
+        assert_eq!(spool.stats("t").queued, (FRESH_MAX + 3) as u64);
+        let mut seen = taken_ids(&spool, "t", 1, 10_000);
+        // (On a machine slow enough to take a second to get here, the checkpoint came first.)
+        let before_checkpoint = opened.elapsed() < CHECKPOINT_EVERY;
+        if before_checkpoint {
+            assert_eq!(seen.len(), FRESH_MAX - 2, "the window, and nothing twice");
+        }
+        lock(&woken).clear();
+        // The idle checkpoint writes the held deliveries to redb and wakes their target; the
+        // scheduler then finds the other five there, and none of those in flight again.
+        tokio::time::sleep(CHECKPOINT_EVERY + std::time::Duration::from_millis(500)).await;
+        if before_checkpoint {
+            assert!(lock(&woken).iter().any(|t| t == "t"), "the target is woken");
+        }
+        seen.extend(taken_ids(&spool, "t", 1, 10_000));
+        let mut want: Vec<Arc<str>> = first.iter().chain(&second).map(|d| d.id.clone()).collect();
+        seen.sort();
+        want.sort();
+        assert_eq!(seen, want, "every delivery handed out once");
+        for d in first.iter().chain(&second) {
+            spool.complete(d);
+        }
+        spool.flush().await.unwrap();
+        assert_eq!(spool.stats("t").queued, 0);
+    }
+
+    #[tokio::test]
     async fn a_growing_backlog_and_an_idle_second_are_checkpointed_into_redb() {
         let dir = tempfile::tempdir().unwrap();
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
