@@ -9,10 +9,16 @@
 //! run sooner, for a shorter turn. Neither needs a privilege; where the kernel refuses (or, for
 //! the slice, predates Linux 6.12), the thread runs as before.
 
-/// The calling thread runs as SCHED_BATCH, its nice value unchanged.
+/// The calling thread runs as SCHED_BATCH, its nice value unchanged — if it ran as SCHED_OTHER;
+/// a policy an operator chose (`chrt`) is left as it is.
 pub fn background() {
     #[cfg(target_os = "linux")]
     {
+        // SAFETY: pid 0 is the calling thread.
+        if unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK != libc::SCHED_OTHER
+        {
+            return;
+        }
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: pid 0 is the calling thread; `param` is a valid `sched_param`.
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
@@ -25,8 +31,9 @@ pub fn background() {
 #[cfg(target_os = "linux")]
 const PROMPT_SLICE_NS: u64 = 100_000;
 
-/// The calling thread asks for a short time slice (EEVDF's `sched_runtime` of SCHED_OTHER), its
-/// policy and nice value unchanged.
+/// The calling thread asks for a short time slice (EEVDF's `sched_runtime`), its policy and nice
+/// value unchanged. A thread given a policy other than SCHED_OTHER or SCHED_BATCH (say, a
+/// real-time one by `chrt`) is left as it is.
 pub fn prompt() {
     #[cfg(target_os = "linux")]
     if let Err(e) = set_slice(PROMPT_SLICE_NS) {
@@ -34,7 +41,8 @@ pub fn prompt() {
     }
 }
 
-/// Asks for a time slice of `ns` for the calling thread, as SCHED_OTHER at its nice value.
+/// Asks for a time slice of `ns` for the calling thread, at its policy and nice value; where the
+/// policy is not one of the kernel's fair ones, nothing is changed and that is the error.
 #[cfg(target_os = "linux")]
 fn set_slice(ns: u64) -> std::io::Result<()> {
     /// `struct sched_attr` as `sched_setattr(2)` takes it (its first version, 48 bytes).
@@ -49,6 +57,13 @@ fn set_slice(ns: u64) -> std::io::Result<()> {
         deadline: u64,
         period: u64,
     }
+    // SAFETY: pid 0 is the calling thread.
+    let policy = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+    if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
+        return Err(std::io::Error::other(format!(
+            "scheduling policy {policy} left as it is"
+        )));
+    }
     // SAFETY: reading the calling thread's nice value has no preconditions; errno is reset
     // first because -1 is a valid answer.
     let nice = unsafe {
@@ -57,7 +72,7 @@ fn set_slice(ns: u64) -> std::io::Result<()> {
     };
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
+        policy: policy as u32,
         flags: 0,
         nice,
         priority: 0,
@@ -90,16 +105,19 @@ mod tests {
         line.split(':').nth(1)?.trim().parse().ok()
     }
 
+    fn policy() -> i32 {
+        // SAFETY: pid 0 is the calling thread.
+        unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
+    }
+
     #[test]
-    fn the_hints_keep_a_threads_nice_value_and_the_slice_is_what_was_asked() {
+    fn the_hints_keep_a_threads_nice_value_and_policy_and_the_slice_is_what_was_asked() {
         std::thread::spawn(|| {
             // An operator's `nice` (raising it needs no privilege) survives both hints.
             // SAFETY: PRIO_PROCESS 0 is the calling thread on Linux.
             assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 3) }, 0);
             let granted = set_slice(PROMPT_SLICE_NS).is_ok();
-            assert_eq!(nice(), 3);
-            // SAFETY: pid 0 is the calling thread.
-            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+            assert_eq!((nice(), policy()), (3, libc::SCHED_OTHER));
             if granted {
                 if let Some(ns) = slice() {
                     assert_eq!(ns, PROMPT_SLICE_NS);
@@ -107,6 +125,33 @@ mod tests {
             }
             background();
             assert_eq!(nice(), 3);
+            let batch = policy() == libc::SCHED_BATCH;
+            // A batch thread asking for a slice stays a batch thread.
+            let _ = set_slice(PROMPT_SLICE_NS);
+            assert_eq!(nice(), 3);
+            if batch {
+                assert_eq!(policy(), libc::SCHED_BATCH);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_policy_given_to_the_process_is_left_as_it_is() {
+        std::thread::spawn(|| {
+            // SCHED_IDLE needs no privilege to enter; an operator's `chrt -i` gives it.
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is the calling thread; `param` is a valid `sched_param`.
+            assert_eq!(
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) },
+                0
+            );
+            background();
+            assert_eq!(policy(), libc::SCHED_IDLE);
+            assert!(set_slice(PROMPT_SLICE_NS).is_err());
+            prompt();
+            assert_eq!(policy(), libc::SCHED_IDLE);
         })
         .join()
         .unwrap();
