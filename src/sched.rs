@@ -14,9 +14,7 @@
 pub fn background() {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: pid 0 is the calling thread.
-        if unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK != libc::SCHED_OTHER
-        {
+        if policy() != libc::SCHED_OTHER {
             return;
         }
         let param = libc::sched_param { sched_priority: 0 };
@@ -57,19 +55,13 @@ fn set_slice(ns: u64) -> std::io::Result<()> {
         deadline: u64,
         period: u64,
     }
-    // SAFETY: pid 0 is the calling thread.
-    let policy = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+    let policy = policy();
     if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
         return Err(std::io::Error::other(format!(
             "scheduling policy {policy} left as it is"
         )));
     }
-    // SAFETY: reading the calling thread's nice value has no preconditions; errno is reset
-    // first because -1 is a valid answer.
-    let nice = unsafe {
-        *libc::__errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS, 0)
-    };
+    let nice = nice();
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         policy: policy as u32,
@@ -89,25 +81,30 @@ fn set_slice(ns: u64) -> std::io::Result<()> {
     }
 }
 
+/// The calling thread's scheduling policy (without the reset-on-fork flag).
+#[cfg(target_os = "linux")]
+fn policy() -> i32 {
+    // SAFETY: pid 0 is the calling thread.
+    unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
+}
+
+/// The calling thread's nice value. (It cannot fail for the calling thread, so the -1 of an
+/// error is not told apart from a nice value of -1.)
+#[cfg(target_os = "linux")]
+fn nice() -> i32 {
+    // SAFETY: PRIO_PROCESS 0 is the calling thread on Linux.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
-
-    fn nice() -> i32 {
-        // SAFETY: as in `set_slice`.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-    }
 
     /// The calling thread's time slice in ns, as the kernel reports it (Linux 6.6 and later).
     fn slice() -> Option<u64> {
         let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
         let line = sched.lines().find(|l| l.starts_with("se.slice"))?;
         line.split(':').nth(1)?.trim().parse().ok()
-    }
-
-    fn policy() -> i32 {
-        // SAFETY: pid 0 is the calling thread.
-        unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
     }
 
     #[test]
