@@ -10,7 +10,9 @@ use rhai::{Dynamic, ImmutableString, Map};
 use crate::delivery::Delivery;
 use crate::dialect::Callback;
 use crate::rules::{Route, RuleSet};
-use crate::script::{self, Constants, RunError, ScriptEngine, Stage, TransformOutput, Vars};
+use crate::script::{
+    self, Body, Constants, Reads, RunError, ScriptEngine, Stage, TransformOutput, Vars,
+};
 
 /// What one route made of a callback.
 #[derive(Debug)]
@@ -64,6 +66,8 @@ pub struct Routing<'r> {
     pub responder: Option<usize>,
     /// The scripts' scope, when a scripted route needed it (a `response_transform` reuses it).
     vars: Option<Result<Vars, RunError>>,
+    /// What the scripts that may run on this callback read.
+    reads: Reads,
 }
 
 impl<'r> Routing<'r> {
@@ -95,7 +99,8 @@ impl<'r> Routing<'r> {
 
     /// The scope scripts see for this callback, built at most once.
     pub fn vars(&mut self, callback: &Callback) -> Result<&Vars, RunError> {
-        match self.vars.get_or_insert_with(|| scope_vars(callback)) {
+        let reads = self.reads;
+        match self.vars.get_or_insert_with(|| scope_vars(callback, reads)) {
             Ok(v) => Ok(v),
             Err(e) => Err(e.clone()),
         }
@@ -139,12 +144,35 @@ fn deliveries_of<'a>(
 
 /// Routes a callback through the rule set.
 pub fn route<'r>(callback: &Callback, rules: &'r RuleSet, engine: &ScriptEngine) -> Routing<'r> {
+    evaluate_all(callback, &rules.routes, rules.reads, engine)
+}
+
+/// Routes a callback through one route of the rule set (replaying a dead letter of that route).
+pub fn route_one<'r>(callback: &Callback, route: &'r Route, engine: &ScriptEngine) -> Routing<'r> {
+    let mut routing = evaluate_all(callback, std::slice::from_ref(route), route.reads(), engine);
+    // A replay queues the delivery like any other, synchronous route or not: the IM server's
+    // wait is long over.
+    routing.responder = None;
+    routing
+}
+
+fn evaluate_all<'r>(
+    callback: &Callback,
+    routes: &'r [Route],
+    reads: Reads,
+    engine: &ScriptEngine,
+) -> Routing<'r> {
     let mut vars: Option<Result<Vars, RunError>> = None;
-    let results: Vec<RouteResult<'r>> = rules
-        .routes
+    let last = last_body_reader(callback, routes);
+    let results: Vec<RouteResult<'r>> = routes
         .iter()
-        .map(|route| {
-            let (filter, verdict) = evaluate(callback, route, engine, &mut vars);
+        .enumerate()
+        .map(|(i, route)| {
+            let scope = Scope {
+                reads,
+                last: last == Some(i),
+            };
+            let (filter, verdict) = evaluate(callback, route, engine, &mut vars, scope);
             RouteResult {
                 route,
                 filter,
@@ -159,24 +187,44 @@ pub fn route<'r>(callback: &Callback, rules: &'r RuleSet, engine: &ScriptEngine)
         results,
         responder,
         vars,
+        reads,
     }
 }
 
-/// Routes a callback through one route of the rule set (replaying a dead letter of that route).
-pub fn route_one<'r>(callback: &Callback, route: &'r Route, engine: &ScriptEngine) -> Routing<'r> {
-    let mut vars = None;
-    let (filter, verdict) = evaluate(callback, route, engine, &mut vars);
-    // A replay queues the delivery like any other, synchronous route or not: the IM server's
-    // wait is long over.
-    Routing {
-        results: vec![RouteResult {
-            route,
-            filter,
-            verdict,
-        }],
-        responder: None,
-        vars,
+/// The route whose filter or transform is the last script to read `body` for this callback,
+/// which may then have the callback's own instead of a copy; `None` when no script reads it, or
+/// when a `response_transform` may (it runs after every route).
+fn last_body_reader(callback: &Callback, routes: &[Route]) -> Option<usize> {
+    let mut last = None;
+    for (i, route) in routes.iter().enumerate() {
+        if !route.selects_source(&callback.source.name) || !route.selects_command(&callback.command)
+        {
+            continue;
+        }
+        if route
+            .response_transform
+            .as_ref()
+            .is_some_and(|s| s.reads.body)
+        {
+            return None;
+        }
+        if [&route.filter, &route.transform]
+            .into_iter()
+            .flatten()
+            .any(|s| s.reads.body)
+        {
+            last = Some(i);
+        }
     }
+    last
+}
+
+/// What a route's scripts are given: the values built for the callback's scripts, and whether
+/// this route's scripts are the last to read `body`.
+#[derive(Clone, Copy)]
+struct Scope {
+    reads: Reads,
+    last: bool,
 }
 
 fn evaluate(
@@ -184,6 +232,7 @@ fn evaluate(
     route: &Route,
     engine: &ScriptEngine,
     vars: &mut Option<Result<Vars, RunError>>,
+    scope: Scope,
 ) -> (Option<bool>, Verdict) {
     if !route.selects_source(&callback.source.name) {
         return (None, Verdict::OtherSource);
@@ -195,13 +244,22 @@ fn evaluate(
         return (None, Verdict::Deliver(Payload::Original));
     }
     // The scope is built once per callback, and only when a scripted route needs it.
-    let vars = match vars.get_or_insert_with(|| scope_vars(callback)) {
+    let vars = match vars.get_or_insert_with(|| scope_vars(callback, scope.reads)) {
         Ok(v) => v,
         Err(e) => return (None, Verdict::Failed(e.clone())),
     };
+    // The last script to read `body` has it without a copy: the filter, when the transform
+    // does not read it; else the transform.
+    let transform_reads = route.transform.as_ref().is_some_and(|t| t.reads.body);
+    let body = |last: bool| if last { Body::Take } else { Body::Copy };
     let mut filter_result = None;
     if let Some(filter) = &route.filter {
-        match engine.filter(&route.name, filter, vars) {
+        match engine.filter(
+            &route.name,
+            filter,
+            vars,
+            body(scope.last && !transform_reads),
+        ) {
             Ok(true) => filter_result = Some(true),
             Ok(false) => return (Some(false), Verdict::FilteredOut),
             Err(e) => return (None, Verdict::Failed(e)),
@@ -209,7 +267,7 @@ fn evaluate(
     }
     let verdict = match &route.transform {
         None => Verdict::Deliver(Payload::Original),
-        Some(transform) => match engine.transform(&route.name, transform, vars) {
+        Some(transform) => match engine.transform(&route.name, transform, vars, body(scope.last)) {
             Ok(TransformOutput::Body(bytes)) => {
                 Verdict::Deliver(Payload::Transformed(bytes.into()))
             }
@@ -220,14 +278,23 @@ fn evaluate(
     (filter_result, verdict)
 }
 
-fn scope_vars(callback: &Callback) -> Result<Vars, RunError> {
-    let body = script::json_to_dynamic(&callback.body).map_err(|e| RunError {
-        stage: Stage::Filter,
-        message: format!("the body cannot be given to scripts: {e}"),
-        location: None,
-    })?;
-    let to_map = |pairs: &[(String, String)]| -> Map {
+/// The values scripts read, built for the scripts that may run: what none of them reads is in
+/// scope as `()` (`body`) or an empty map (`query`, `headers`).
+fn scope_vars(callback: &Callback, reads: Reads) -> Result<Vars, RunError> {
+    let body = if reads.body {
+        script::json_to_dynamic(&callback.body).map_err(|e| RunError {
+            stage: Stage::Filter,
+            message: format!("the body cannot be given to scripts: {e}"),
+            location: None,
+        })?
+    } else {
+        Dynamic::UNIT
+    };
+    let to_map = |read: bool, pairs: &[(String, String)]| -> Map {
         let mut map = Map::new();
+        if !read {
+            return map;
+        }
         for (k, v) in pairs {
             // The first value of a repeated name wins, as with most web frameworks.
             map.entry(k.as_str().into())
@@ -242,10 +309,163 @@ fn scope_vars(callback: &Callback) -> Result<Vars, RunError> {
             source: (&*callback.source.name).into(),
             dialect: callback.source.dialect.as_str().into(),
             app_id: callback.app_id.as_str().into(),
-            query: to_map(&callback.query),
-            headers: to_map(&callback.headers),
+            query: to_map(reads.query, &callback.query),
+            headers: to_map(reads.headers, &callback.headers),
             event_id: (&*callback.event_id).into(),
             received_at: callback.received_at as i64,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderMap;
+
+    use super::*;
+    use crate::dialect;
+    use crate::rules::{self, RuleSet};
+    use crate::script::Limits;
+
+    const SOURCE: &str = r#"
+sources:
+  app:
+    path: /hooks/app
+    dialect: generic
+    command: body.type
+targets:
+  a: { url: "http://127.0.0.1:9/a" }
+  b: { url: "http://127.0.0.1:9/b" }
+  c: { url: "http://127.0.0.1:9/c" }
+"#;
+
+    fn load(routes: &str) -> (RuleSet, ScriptEngine) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.yaml"), format!("{SOURCE}{routes}")).unwrap();
+        let engine = ScriptEngine::new(dir.path(), &Limits::default());
+        let rules = rules::load(dir.path(), &engine).unwrap();
+        (rules, engine)
+    }
+
+    fn callback(rules: &RuleSet, body: &str) -> Callback {
+        let source = rules.source("app").unwrap().clone();
+        let headers = HeaderMap::new();
+        let request = dialect::Request::new("", "", &headers);
+        dialect::parse(
+            &source,
+            request,
+            Bytes::copy_from_slice(body.as_bytes()),
+            "ev-1".into(),
+            1,
+        )
+        .unwrap()
+    }
+
+    fn json_bodies(routing: &Routing<'_>, callback: &Callback) -> Vec<(String, serde_json::Value)> {
+        routing
+            .deliveries(callback)
+            .iter()
+            .map(|d| {
+                (
+                    d.route.to_string(),
+                    serde_json::from_slice(&d.body).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_script_sees_the_body_as_received_whichever_has_the_callbacks_own() {
+        let (rules, engine) = load(
+            r#"
+routes:
+  - name: changer
+    transform: 'body.seen = true; body.items.push(#{v: "added"}); body'
+    to: [a]
+  - name: reader
+    filter: 'body.seen == () && body.items.len() == 1'
+    transform: '#{first: body.items[0].v, seen: body.seen, n: body.items.len()}'
+    to: [b]
+  - name: untouched
+    to: [c]
+"#,
+        );
+        let cb = callback(&rules, r#"{"type":"t","items":[{"v":"one"}]}"#);
+        let routing = route(&cb, &rules, &engine);
+        assert!(routing.errors().next().is_none(), "{:?}", routing.results);
+        assert_eq!(
+            json_bodies(&routing, &cb),
+            vec![
+                (
+                    "changer".to_string(),
+                    serde_json::json!({"type": "t", "items": [{"v": "one"}, {"v": "added"}], "seen": true})
+                ),
+                (
+                    "reader".to_string(),
+                    serde_json::json!({"first": "one", "seen": null, "n": 1})
+                ),
+                (
+                    "untouched".to_string(),
+                    serde_json::json!({"type": "t", "items": [{"v": "one"}]})
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_last_reader_of_body_is_the_last_selected_route_whose_scripts_read_it() {
+        let routes = r#"
+routes:
+  - name: first
+    filter: 'body.items.len() > 0'
+    to: [a]
+  - name: second
+    filter: 'command == "t"'
+    transform: 'body'
+    to: [b]
+  - name: no-body
+    filter: 'command == "t"'
+    to: [c]
+  - name: other-command
+    commands: ["other"]
+    filter: 'body.x == 1'
+    to: [c]
+"#;
+        let (rules, _) = load(routes);
+        let cb = callback(&rules, r#"{"type":"t","items":[1]}"#);
+        assert_eq!(last_body_reader(&cb, &rules.routes), Some(1));
+
+        // A response_transform that reads `body` runs after every route: nothing is given away.
+        let (rules, _) = load(&format!(
+            r#"{routes}
+  - name: answer
+    respond: true
+    response_transform: '#{{ok: body.type}}'
+    to: [a]
+"#
+        ));
+        let cb = callback(&rules, r#"{"type":"t","items":[1]}"#);
+        assert_eq!(last_body_reader(&cb, &rules.routes), None);
+    }
+
+    #[test]
+    fn what_no_script_reads_is_not_built() {
+        let (rules, _) = load(
+            r#"
+routes:
+  - name: by-header
+    filter: 'headers["x-kind"] == "a"'
+    to: [a]
+"#,
+        );
+        assert_eq!(
+            rules.reads,
+            Reads {
+                body: false,
+                query: false,
+                headers: true
+            }
+        );
+        let (rules, _) = load("routes:\n  - name: plain\n    to: [a]\n");
+        assert_eq!(rules.reads, Reads::NONE);
+    }
 }

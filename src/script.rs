@@ -100,6 +100,52 @@ impl ScriptOrigin {
 pub struct Script {
     ast: Arc<AST>,
     pub origin: ScriptOrigin,
+    /// Which of the callback's costly values the script reads.
+    pub reads: Reads,
+}
+
+/// Which of the values that cost work per callback — `body` (the JSON turned into Rhai values),
+/// `query` and `headers` (maps built from the request) — a script reads. Each is built only when
+/// a script of the rule set reads it; the others are in scope as `()` or an empty map, which no
+/// script can tell (reading a variable means naming it, and these scripts do not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reads {
+    pub body: bool,
+    pub query: bool,
+    pub headers: bool,
+}
+
+impl Reads {
+    pub const NONE: Reads = Reads {
+        body: false,
+        query: false,
+        headers: false,
+    };
+    pub const ALL: Reads = Reads {
+        body: true,
+        query: true,
+        headers: true,
+    };
+}
+
+impl std::ops::BitOr for Reads {
+    type Output = Reads;
+    fn bitor(self, other: Reads) -> Reads {
+        Reads {
+            body: self.body || other.body,
+            query: self.query || other.query,
+            headers: self.headers || other.headers,
+        }
+    }
+}
+
+/// How a script gets `body`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// A copy: a later script of the callback reads `body` too, and must see it as received.
+    Copy,
+    /// The callback's own: no later script reads it (the router knows).
+    Take,
 }
 
 impl std::fmt::Debug for Script {
@@ -171,11 +217,11 @@ pub const RESPONSE_NAMES: [&str; 2] = ["response", "status"];
 /// The scope scripts see for one callback: `body`, and the callback's constants.
 #[derive(Debug)]
 pub struct Vars {
-    pub body: Dynamic,
-    /// The constants as a scope, shared by every script run on the callback. Scripts cannot
-    /// change constants, and what a script declares is removed after it, so each script still
-    /// sees the callback as it came; only `body`, which scripts may change, is copied for each.
-    constants: Mutex<Scope<'static>>,
+    /// The constants as a scope, shared by every script run on the callback, and `body` as
+    /// received. Scripts cannot change constants, and what a script declares is removed after it,
+    /// so each script still sees the callback as it came; `body`, which scripts may change, is
+    /// copied for each but the last to read it (see [`Body`]).
+    scope: Mutex<(Scope<'static>, Option<Dynamic>)>,
 }
 
 /// The callback's values scripts read besides `body` (SPEC's scope table).
@@ -203,22 +249,32 @@ impl Vars {
             .push_constant("event_id", c.event_id)
             .push_constant("received_at", c.received_at);
         Vars {
-            body,
-            constants: Mutex::new(scope),
+            scope: Mutex::new((scope, Some(body))),
         }
     }
 
     /// Runs `f` with the scope for one script: the constants, then `body` and `extra`.
     fn with_scope<R>(
         &self,
+        body: Body,
         extra: impl FnOnce(&mut Scope<'static>),
         f: impl FnOnce(&mut Scope<'static>) -> R,
     ) -> R {
-        let mut scope = self.constants.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.scope.lock().unwrap_or_else(|e| e.into_inner());
+        let (scope, kept) = &mut *guard;
+        let value = match (body, kept.as_ref()) {
+            (Body::Copy, Some(value)) => value.clone(),
+            (Body::Take, Some(_)) => kept.take().expect("checked"),
+            (_, None) => {
+                // The router gives `body` away only to the last script that reads it.
+                tracing::error!("a script ran after the one given the callback's body; it sees ()");
+                Dynamic::UNIT
+            }
+        };
         let constants = scope.len();
-        scope.push("body", self.body.clone());
-        extra(&mut scope);
-        let result = f(&mut scope);
+        scope.push("body", value);
+        extra(scope);
+        let result = f(scope);
         scope.rewind(constants);
         result
     }
@@ -276,14 +332,14 @@ impl ScriptEngine {
         origin: ScriptOrigin,
         stage: Stage,
     ) -> Result<Script, CompileError> {
-        let mut scope = Scope::new();
-        for name in SCOPE_NAMES.iter().chain(stage.extra_names()) {
-            scope.push_dynamic(*name, Dynamic::UNIT);
-        }
-        match self.engine.compile_into_self_contained(&scope, text) {
+        match self
+            .engine
+            .compile_into_self_contained(&names_scope(stage, None), text)
+        {
             Ok(ast) => Ok(Script {
                 ast: Arc::new(ast),
                 origin,
+                reads: self.reads(text, stage),
             }),
             Err(err) => {
                 let (line, col) = origin.locate(err.position());
@@ -297,9 +353,35 @@ impl ScriptEngine {
         }
     }
 
+    /// Which costly values a script that compiles reads. With strict variables, naming a variable
+    /// the scope lacks is a compile error, so a script that compiles without `name` in scope does
+    /// not read it — Rhai's own parser decides, closures and all. A name the text does not contain
+    /// needs no second compile.
+    fn reads(&self, text: &str, stage: Stage) -> Reads {
+        let reads = |name: &str| {
+            text.contains(name)
+                && self
+                    .engine
+                    .compile_with_scope(&names_scope(stage, Some(name)), text)
+                    .is_err()
+        };
+        Reads {
+            body: reads("body"),
+            query: reads("query"),
+            headers: reads("headers"),
+        }
+    }
+
     /// Runs a filter; anything but a bool is an error.
-    pub fn filter(&self, route: &Arc<str>, script: &Script, vars: &Vars) -> Result<bool, RunError> {
+    pub fn filter(
+        &self,
+        route: &Arc<str>,
+        script: &Script,
+        vars: &Vars,
+        body: Body,
+    ) -> Result<bool, RunError> {
         let value = vars.with_scope(
+            body,
             |_| {},
             |scope| self.run(route, script, scope, Stage::Filter),
         )?;
@@ -316,8 +398,10 @@ impl ScriptEngine {
         route: &Arc<str>,
         script: &Script,
         vars: &Vars,
+        body: Body,
     ) -> Result<TransformOutput, RunError> {
         let value = vars.with_scope(
+            body,
             |_| {},
             |scope| self.run(route, script, scope, Stage::Transform),
         )?;
@@ -353,7 +437,9 @@ impl ScriptEngine {
         response: Dynamic,
         status: u16,
     ) -> Result<Vec<u8>, RunError> {
+        // It runs after every route; the router gives `body` away only when none reads it.
         let value = vars.with_scope(
+            Body::Copy,
             |scope| {
                 scope
                     .push_constant("response", response)
@@ -403,6 +489,17 @@ impl ScriptEngine {
             }
         })
     }
+}
+
+/// The names a script of `stage` may read, as a scope to compile with, but for `without`.
+fn names_scope(stage: Stage, without: Option<&str>) -> Scope<'static> {
+    let mut scope = Scope::new();
+    for name in SCOPE_NAMES.iter().chain(stage.extra_names()) {
+        if Some(*name) != without {
+            scope.push_dynamic(*name, Dynamic::UNIT);
+        }
+    }
+    scope
 }
 
 /// Rhai's message without its trailing " (line X, position Y)": we print our own location.
@@ -566,24 +663,53 @@ mod tests {
             TransformOutput::Body(b) => serde_json::from_slice::<serde_json::Value>(&b).unwrap(),
             TransformOutput::Skip => panic!("skipped"),
         };
-        let changed = json(e.transform(&route, &changer, &v).unwrap());
+        let changed = json(e.transform(&route, &changer, &v, Body::Copy).unwrap());
         assert_eq!(changed["From_Account"], "changed");
         assert_eq!(changed["Extra"], 1);
         // The second script gets the callback as it came, however often the first one runs.
         for _ in 0..2 {
-            let seen = json(e.transform(&route, &reader, &v).unwrap());
+            let seen = json(e.transform(&route, &reader, &v, Body::Copy).unwrap());
             assert_eq!(
                 seen,
                 serde_json::json!({"from": "u1", "extra": null, "command": "Profile.CallbackPortraitSet", "app_id": "1400000000"})
             );
-            e.transform(&route, &changer, &v).unwrap();
+            e.transform(&route, &changer, &v, Body::Copy).unwrap();
         }
         // A failing script leaves nothing behind either.
         let failing = transform(r#"let app_id = "x"; body.Extra = 2; throw "no""#);
-        assert!(e.transform(&route, &failing, &v).is_err());
-        let seen = json(e.transform(&route, &reader, &v).unwrap());
+        assert!(e.transform(&route, &failing, &v, Body::Copy).is_err());
+        let seen = json(e.transform(&route, &reader, &v, Body::Copy).unwrap());
         assert_eq!(seen["app_id"], "1400000000");
         assert_eq!(seen["extra"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn what_a_script_reads_is_what_it_names_as_a_variable() {
+        let e = engine();
+        let reads = |text: &str| e.compile(text, origin(), Stage::Filter).unwrap().reads;
+        let only = |body, query, headers| Reads {
+            body,
+            query,
+            headers,
+        };
+        assert_eq!(reads("body.x == 1"), only(true, false, false));
+        assert_eq!(reads(r#"headers["x-id"] == "1""#), only(false, false, true));
+        // Inside a closure, and through `?.`.
+        assert_eq!(
+            reads(r#"[1].some(|i| query?.a == "1")"#),
+            only(false, true, false)
+        );
+        // In a string or a comment, as a function's parameter or a variable of the script's own.
+        assert_eq!(
+            reads("// body\n\"body headers query\" == command"),
+            Reads::NONE
+        );
+        assert_eq!(reads("fn f(body) { body.x } f(#{x: 1}) == 1"), Reads::NONE);
+        assert_eq!(reads("let headers = #{}; headers.x == ()"), Reads::NONE);
+        assert_eq!(
+            reads("let h = headers; body.a == h.b && query.c == ()"),
+            Reads::ALL
+        );
     }
 
     #[test]
@@ -595,9 +721,9 @@ mod tests {
             .unwrap();
         let route: Arc<str> = "r".into();
         let v = vars(r#"{"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"n"}]}"#);
-        assert!(e.filter(&route, &s, &v).unwrap());
+        assert!(e.filter(&route, &s, &v, Body::Copy).unwrap());
         let v = vars(r#"{"ProfileItem":[{"Tag":"Tag_Profile_IM_Gender","Value":"n"}]}"#);
-        assert!(!e.filter(&route, &s, &v).unwrap());
+        assert!(!e.filter(&route, &s, &v, Body::Copy).unwrap());
     }
 
     #[test]
@@ -612,7 +738,7 @@ mod tests {
             )
             .unwrap();
         let TransformOutput::Body(out) = e
-            .transform(&route, &s, &vars(r#"{"From_Account":"id1"}"#))
+            .transform(&route, &s, &vars(r#"{"From_Account":"id1"}"#), Body::Take)
             .unwrap()
         else {
             panic!("skipped")
@@ -630,7 +756,8 @@ mod tests {
             )
             .unwrap();
         assert!(matches!(
-            e.transform(&route, &s, &vars(r#"{"x":1}"#)).unwrap(),
+            e.transform(&route, &s, &vars(r#"{"x":1}"#), Body::Take)
+                .unwrap(),
             TransformOutput::Skip
         ));
     }
@@ -652,7 +779,7 @@ mod tests {
         let e = engine();
         let route: Arc<str> = "r".into();
         let s = e.compile("loop { }", origin(), Stage::Filter).unwrap();
-        let err = e.filter(&route, &s, &vars("{}")).unwrap_err();
+        let err = e.filter(&route, &s, &vars("{}"), Body::Take).unwrap_err();
         assert!(err.message.contains("operations"), "{err:?}");
         let s = e
             .compile(
@@ -661,11 +788,11 @@ mod tests {
                 Stage::Filter,
             )
             .unwrap();
-        assert!(e.filter(&route, &s, &vars("{}")).is_err());
+        assert!(e.filter(&route, &s, &vars("{}"), Body::Take).is_err());
         let s = e
             .compile("fn f(x) { f(x) } f(1)", origin(), Stage::Filter)
             .unwrap();
-        assert!(e.filter(&route, &s, &vars("{}")).is_err());
+        assert!(e.filter(&route, &s, &vars("{}"), Body::Take).is_err());
     }
 
     #[test]
@@ -698,7 +825,7 @@ mod tests {
                 Stage::Filter,
             )
             .unwrap();
-        assert!(e.filter(&route, &s, &vars("{}")).unwrap());
+        assert!(e.filter(&route, &s, &vars("{}"), Body::Take).unwrap());
     }
 
     #[test]
@@ -712,12 +839,12 @@ mod tests {
                 Stage::Filter,
             )
             .unwrap();
-        let err = e.filter(&route, &s, &vars("{}")).unwrap_err();
+        let err = e.filter(&route, &s, &vars("{}"), Body::Take).unwrap_err();
         assert_eq!(err.stage, Stage::Filter);
         assert_eq!(err.location.as_deref(), Some("rules/x.yaml:11"), "{err:?}");
         let s = e.compile("42", origin(), Stage::Filter).unwrap();
-        assert!(e.filter(&route, &s, &vars("{}")).is_err());
-        assert!(e.transform(&route, &s, &vars("{}")).is_err());
+        assert!(e.filter(&route, &s, &vars("{}"), Body::Take).is_err());
+        assert!(e.transform(&route, &s, &vars("{}"), Body::Take).is_err());
     }
 
     #[test]

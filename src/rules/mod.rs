@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::dialect::DialectKind;
-use crate::script::Script;
+use crate::script::{Reads, Script};
 
 pub use glob::Glob;
 pub use load::{load, LoadError, LoadErrors};
@@ -140,6 +140,14 @@ pub struct Route {
 }
 
 impl Route {
+    /// What the route's scripts read, `response_transform` included.
+    pub fn reads(&self) -> Reads {
+        [&self.filter, &self.transform, &self.response_transform]
+            .into_iter()
+            .flatten()
+            .fold(Reads::NONE, |reads, script| reads | script.reads)
+    }
+
     /// Whether the route applies to this source and command (before its filter).
     pub fn selects_source(&self, source: &str) -> bool {
         self.sources
@@ -171,6 +179,8 @@ pub struct RuleSet {
     pub loaded_at: SystemTime,
     /// Hash of every file read, to tell a real change from a touch.
     pub fingerprint: u64,
+    /// What the scripts of all routes read: the values built for scripts per callback.
+    pub reads: Reads,
 }
 
 impl RuleSet {
@@ -192,6 +202,9 @@ impl RuleSet {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
+        let reads = routes
+            .iter()
+            .fold(Reads::NONE, |reads, r| reads | r.reads());
         RuleSet {
             dir,
             files,
@@ -203,6 +216,7 @@ impl RuleSet {
             generation: 1,
             loaded_at: SystemTime::now(),
             fingerprint,
+            reads,
         }
     }
 
