@@ -247,7 +247,9 @@ impl Vars {
             .push_constant("query", c.query)
             .push_constant("headers", c.headers)
             .push_constant("event_id", c.event_id)
-            .push_constant("received_at", c.received_at);
+            .push_constant("received_at", c.received_at)
+            // A slot each script's `body` is put in (see `with_scope`).
+            .push("body", ());
         Vars {
             scope: Mutex::new((scope, Some(body))),
         }
@@ -271,11 +273,18 @@ impl Vars {
                 Dynamic::UNIT
             }
         };
-        let constants = scope.len();
-        scope.push("body", value);
+        // Into the slot, not pushed: a push walks the whole value to mark it writable, which a
+        // body from JSON (or a copy of one) already is.
+        let base = scope.len();
+        let slot = scope
+            .get_mut("body")
+            .expect("Vars::new pushes a writable body");
+        *slot = value;
         extra(scope);
         let result = f(scope);
-        scope.rewind(constants);
+        scope.rewind(base);
+        // What the script left in `body` goes now, not with the next script's.
+        *scope.get_mut("body").expect("the slot survives the rewind") = Dynamic::UNIT;
         result
     }
 }
@@ -675,6 +684,13 @@ mod tests {
             );
             e.transform(&route, &changer, &v, Body::Copy).unwrap();
         }
+        // Nor through a closure that captured it (which makes the variable a shared value).
+        let capturer =
+            transform(r#"let f = || { body.From_Account = "captured"; }; f.call(); body"#);
+        let changed = json(e.transform(&route, &capturer, &v, Body::Copy).unwrap());
+        assert_eq!(changed["From_Account"], "captured");
+        let seen = json(e.transform(&route, &reader, &v, Body::Copy).unwrap());
+        assert_eq!(seen["from"], "u1");
         // A failing script leaves nothing behind either.
         let failing = transform(r#"let app_id = "x"; body.Extra = 2; throw "no""#);
         assert!(e.transform(&route, &failing, &v, Body::Copy).is_err());
