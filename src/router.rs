@@ -168,11 +168,11 @@ fn evaluate_all<'r>(
         .iter()
         .enumerate()
         .map(|(i, route)| {
-            let scope = Scope {
+            let given = Given {
                 reads,
                 last: last == Some(i),
             };
-            let (filter, verdict) = evaluate(callback, route, engine, &mut vars, scope);
+            let (filter, verdict) = evaluate(callback, route, engine, &mut vars, given);
             RouteResult {
                 route,
                 filter,
@@ -222,7 +222,7 @@ fn last_body_reader(callback: &Callback, routes: &[Route]) -> Option<usize> {
 /// What a route's scripts are given: the values built for the callback's scripts, and whether
 /// this route's scripts are the last to read `body`.
 #[derive(Clone, Copy)]
-struct Scope {
+struct Given {
     reads: Reads,
     last: bool,
 }
@@ -232,7 +232,7 @@ fn evaluate(
     route: &Route,
     engine: &ScriptEngine,
     vars: &mut Option<Result<Vars, RunError>>,
-    scope: Scope,
+    given: Given,
 ) -> (Option<bool>, Verdict) {
     if !route.selects_source(&callback.source.name) {
         return (None, Verdict::OtherSource);
@@ -244,22 +244,17 @@ fn evaluate(
         return (None, Verdict::Deliver(Payload::Original));
     }
     // The scope is built once per callback, and only when a scripted route needs it.
-    let vars = match vars.get_or_insert_with(|| scope_vars(callback, scope.reads)) {
+    let vars = match vars.get_or_insert_with(|| scope_vars(callback, given.reads)) {
         Ok(v) => v,
         Err(e) => return (None, Verdict::Failed(e.clone())),
     };
     // The last script to read `body` has it without a copy: the filter, when the transform
     // does not read it; else the transform.
     let transform_reads = route.transform.as_ref().is_some_and(|t| t.reads.body);
-    let body = |last: bool| if last { Body::Take } else { Body::Copy };
     let mut filter_result = None;
     if let Some(filter) = &route.filter {
-        match engine.filter(
-            &route.name,
-            filter,
-            vars,
-            body(scope.last && !transform_reads),
-        ) {
+        let body = Body::for_script(filter, given.last && !transform_reads);
+        match engine.filter(&route.name, filter, vars, body) {
             Ok(true) => filter_result = Some(true),
             Ok(false) => return (Some(false), Verdict::FilteredOut),
             Err(e) => return (None, Verdict::Failed(e)),
@@ -267,7 +262,12 @@ fn evaluate(
     }
     let verdict = match &route.transform {
         None => Verdict::Deliver(Payload::Original),
-        Some(transform) => match engine.transform(&route.name, transform, vars, body(scope.last)) {
+        Some(transform) => match engine.transform(
+            &route.name,
+            transform,
+            vars,
+            Body::for_script(transform, given.last),
+        ) {
             Ok(TransformOutput::Body(bytes)) => {
                 Verdict::Deliver(Payload::Transformed(bytes.into()))
             }
@@ -387,6 +387,10 @@ routes:
     to: [b]
   - name: untouched
     to: [c]
+  - name: last-filter-reads
+    filter: 'body.items.len() == 1'
+    transform: '#{command: command}'
+    to: [c]
 "#,
         );
         let cb = callback(&rules, r#"{"type":"t","items":[{"v":"one"}]}"#);
@@ -406,6 +410,10 @@ routes:
                 (
                     "untouched".to_string(),
                     serde_json::json!({"type": "t", "items": [{"v": "one"}]})
+                ),
+                (
+                    "last-filter-reads".to_string(),
+                    serde_json::json!({"command": "t"})
                 ),
             ]
         );
@@ -448,7 +456,7 @@ routes:
     }
 
     #[test]
-    fn what_no_script_reads_is_not_built() {
+    fn the_rule_set_reads_what_its_scripts_name() {
         let (rules, _) = load(
             r#"
 routes:

@@ -146,6 +146,19 @@ pub enum Body {
     Copy,
     /// The callback's own: no later script reads it (the router knows).
     Take,
+    /// `()`: the script does not read it.
+    Unread,
+}
+
+impl Body {
+    /// How `script` gets `body`, `last` when no script after it reads it.
+    pub fn for_script(script: &Script, last: bool) -> Body {
+        match (script.reads.body, last) {
+            (false, _) => Body::Unread,
+            (true, true) => Body::Take,
+            (true, false) => Body::Copy,
+        }
+    }
 }
 
 impl std::fmt::Debug for Script {
@@ -265,10 +278,15 @@ impl Vars {
         let mut guard = self.scope.lock().unwrap_or_else(|e| e.into_inner());
         let (scope, kept) = &mut *guard;
         let value = match (body, kept.as_ref()) {
+            (Body::Unread, _) => Dynamic::UNIT,
             (Body::Copy, Some(value)) => value.clone(),
             (Body::Take, Some(_)) => kept.take().expect("checked"),
-            (_, None) => {
+            (Body::Copy | Body::Take, None) => {
                 // The router gives `body` away only to the last script that reads it.
+                debug_assert!(
+                    false,
+                    "a script that reads body ran after it was given away"
+                );
                 tracing::error!("a script ran after the one given the callback's body; it sees ()");
                 Dynamic::UNIT
             }
@@ -448,7 +466,7 @@ impl ScriptEngine {
     ) -> Result<Vec<u8>, RunError> {
         // It runs after every route; the router gives `body` away only when none reads it.
         let value = vars.with_scope(
-            Body::Copy,
+            Body::for_script(script, false),
             |scope| {
                 scope
                     .push_constant("response", response)
