@@ -11,7 +11,7 @@ use crate::delivery::Delivery;
 use crate::dialect::Callback;
 use crate::rules::{Route, RuleSet};
 use crate::script::{
-    self, Body, Constants, Reads, RunError, ScriptEngine, Stage, TransformOutput, Vars,
+    self, Constants, Reads, RunError, Script, ScriptEngine, Stage, TransformOutput, Vars,
 };
 
 /// What one route made of a callback.
@@ -195,26 +195,21 @@ fn evaluate_all<'r>(
 /// which may then have the callback's own instead of a copy; `None` when no script reads it, or
 /// when a `response_transform` may (it runs after every route).
 fn last_body_reader(callback: &Callback, routes: &[Route]) -> Option<usize> {
+    let reads = |script: &Option<Script>| script.as_ref().is_some_and(|s| s.reads.body);
     let mut last = None;
     for (i, route) in routes.iter().enumerate() {
-        if !route.selects_source(&callback.source.name) || !route.selects_command(&callback.command)
+        // The scripts' flags first: only a route that reads `body` costs a match here.
+        let answers = reads(&route.response_transform);
+        if !(answers || reads(&route.filter) || reads(&route.transform))
+            || !route.selects_source(&callback.source.name)
+            || !route.selects_command(&callback.command)
         {
             continue;
         }
-        if route
-            .response_transform
-            .as_ref()
-            .is_some_and(|s| s.reads.body)
-        {
+        if answers {
             return None;
         }
-        if [&route.filter, &route.transform]
-            .into_iter()
-            .flatten()
-            .any(|s| s.reads.body)
-        {
-            last = Some(i);
-        }
+        last = Some(i);
     }
     last
 }
@@ -253,8 +248,7 @@ fn evaluate(
     let transform_reads = route.transform.as_ref().is_some_and(|t| t.reads.body);
     let mut filter_result = None;
     if let Some(filter) = &route.filter {
-        let body = Body::for_script(filter, given.last && !transform_reads);
-        match engine.filter(&route.name, filter, vars, body) {
+        match engine.filter(&route.name, filter, vars, given.last && !transform_reads) {
             Ok(true) => filter_result = Some(true),
             Ok(false) => return (Some(false), Verdict::FilteredOut),
             Err(e) => return (None, Verdict::Failed(e)),
@@ -262,12 +256,7 @@ fn evaluate(
     }
     let verdict = match &route.transform {
         None => Verdict::Deliver(Payload::Original),
-        Some(transform) => match engine.transform(
-            &route.name,
-            transform,
-            vars,
-            Body::for_script(transform, given.last),
-        ) {
+        Some(transform) => match engine.transform(&route.name, transform, vars, given.last) {
             Ok(TransformOutput::Body(bytes)) => {
                 Verdict::Deliver(Payload::Transformed(bytes.into()))
             }

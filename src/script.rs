@@ -121,11 +121,6 @@ impl Reads {
         query: false,
         headers: false,
     };
-    pub const ALL: Reads = Reads {
-        body: true,
-        query: true,
-        headers: true,
-    };
 }
 
 impl std::ops::BitOr for Reads {
@@ -141,7 +136,7 @@ impl std::ops::BitOr for Reads {
 
 /// How a script gets `body`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Body {
+enum Body {
     /// A copy: a later script of the callback reads `body` too, and must see it as received.
     Copy,
     /// The callback's own: no later script reads it (the router knows).
@@ -152,7 +147,7 @@ pub enum Body {
 
 impl Body {
     /// How `script` gets `body`, `last` when no script after it reads it.
-    pub fn for_script(script: &Script, last: bool) -> Body {
+    fn for_script(script: &Script, last: bool) -> Body {
         match (script.reads.body, last) {
             (false, _) => Body::Unread,
             (true, true) => Body::Take,
@@ -399,16 +394,17 @@ impl ScriptEngine {
         }
     }
 
-    /// Runs a filter; anything but a bool is an error.
+    /// Runs a filter; anything but a bool is an error. `last`: no script after it on this
+    /// callback reads `body`, so it may have the callback's own rather than a copy.
     pub fn filter(
         &self,
         route: &Arc<str>,
         script: &Script,
         vars: &Vars,
-        body: Body,
+        last: bool,
     ) -> Result<bool, RunError> {
         let value = vars.with_scope(
-            body,
+            Body::for_script(script, last),
             |_| {},
             |scope| self.run(route, script, scope, Stage::Filter),
         )?;
@@ -419,16 +415,17 @@ impl ScriptEngine {
         })
     }
 
-    /// Runs a transform; a map or array becomes JSON, `()` means "do not deliver".
+    /// Runs a transform; a map or array becomes JSON, `()` means "do not deliver". `last` as
+    /// for [`ScriptEngine::filter`].
     pub fn transform(
         &self,
         route: &Arc<str>,
         script: &Script,
         vars: &Vars,
-        body: Body,
+        last: bool,
     ) -> Result<TransformOutput, RunError> {
         let value = vars.with_scope(
-            body,
+            Body::for_script(script, last),
             |_| {},
             |scope| self.run(route, script, scope, Stage::Transform),
         )?;
@@ -690,29 +687,29 @@ mod tests {
             TransformOutput::Body(b) => serde_json::from_slice::<serde_json::Value>(&b).unwrap(),
             TransformOutput::Skip => panic!("skipped"),
         };
-        let changed = json(e.transform(&route, &changer, &v, Body::Copy).unwrap());
+        let changed = json(e.transform(&route, &changer, &v, false).unwrap());
         assert_eq!(changed["From_Account"], "changed");
         assert_eq!(changed["Extra"], 1);
         // The second script gets the callback as it came, however often the first one runs.
         for _ in 0..2 {
-            let seen = json(e.transform(&route, &reader, &v, Body::Copy).unwrap());
+            let seen = json(e.transform(&route, &reader, &v, false).unwrap());
             assert_eq!(
                 seen,
                 serde_json::json!({"from": "u1", "extra": null, "command": "Profile.CallbackPortraitSet", "app_id": "1400000000"})
             );
-            e.transform(&route, &changer, &v, Body::Copy).unwrap();
+            e.transform(&route, &changer, &v, false).unwrap();
         }
         // Nor through a closure that captured it (which makes the variable a shared value).
         let capturer =
             transform(r#"let f = || { body.From_Account = "captured"; }; f.call(); body"#);
-        let changed = json(e.transform(&route, &capturer, &v, Body::Copy).unwrap());
+        let changed = json(e.transform(&route, &capturer, &v, false).unwrap());
         assert_eq!(changed["From_Account"], "captured");
-        let seen = json(e.transform(&route, &reader, &v, Body::Copy).unwrap());
+        let seen = json(e.transform(&route, &reader, &v, false).unwrap());
         assert_eq!(seen["from"], "u1");
         // A failing script leaves nothing behind either.
         let failing = transform(r#"let app_id = "x"; body.Extra = 2; throw "no""#);
-        assert!(e.transform(&route, &failing, &v, Body::Copy).is_err());
-        let seen = json(e.transform(&route, &reader, &v, Body::Copy).unwrap());
+        assert!(e.transform(&route, &failing, &v, false).is_err());
+        let seen = json(e.transform(&route, &reader, &v, false).unwrap());
         assert_eq!(seen["app_id"], "1400000000");
         assert_eq!(seen["extra"], serde_json::Value::Null);
     }
@@ -742,7 +739,7 @@ mod tests {
         assert_eq!(reads("let headers = #{}; headers.x == ()"), Reads::NONE);
         assert_eq!(
             reads("let h = headers; body.a == h.b && query.c == ()"),
-            Reads::ALL
+            only(true, true, true)
         );
     }
 
@@ -755,9 +752,9 @@ mod tests {
             .unwrap();
         let route: Arc<str> = "r".into();
         let v = vars(r#"{"ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"n"}]}"#);
-        assert!(e.filter(&route, &s, &v, Body::Copy).unwrap());
+        assert!(e.filter(&route, &s, &v, false).unwrap());
         let v = vars(r#"{"ProfileItem":[{"Tag":"Tag_Profile_IM_Gender","Value":"n"}]}"#);
-        assert!(!e.filter(&route, &s, &v, Body::Copy).unwrap());
+        assert!(!e.filter(&route, &s, &v, false).unwrap());
     }
 
     #[test]
@@ -772,7 +769,7 @@ mod tests {
             )
             .unwrap();
         let TransformOutput::Body(out) = e
-            .transform(&route, &s, &vars(r#"{"From_Account":"id1"}"#), Body::Take)
+            .transform(&route, &s, &vars(r#"{"From_Account":"id1"}"#), true)
             .unwrap()
         else {
             panic!("skipped")
@@ -790,8 +787,7 @@ mod tests {
             )
             .unwrap();
         assert!(matches!(
-            e.transform(&route, &s, &vars(r#"{"x":1}"#), Body::Take)
-                .unwrap(),
+            e.transform(&route, &s, &vars(r#"{"x":1}"#), true).unwrap(),
             TransformOutput::Skip
         ));
     }
@@ -813,7 +809,7 @@ mod tests {
         let e = engine();
         let route: Arc<str> = "r".into();
         let s = e.compile("loop { }", origin(), Stage::Filter).unwrap();
-        let err = e.filter(&route, &s, &vars("{}"), Body::Take).unwrap_err();
+        let err = e.filter(&route, &s, &vars("{}"), true).unwrap_err();
         assert!(err.message.contains("operations"), "{err:?}");
         let s = e
             .compile(
@@ -822,11 +818,11 @@ mod tests {
                 Stage::Filter,
             )
             .unwrap();
-        assert!(e.filter(&route, &s, &vars("{}"), Body::Take).is_err());
+        assert!(e.filter(&route, &s, &vars("{}"), true).is_err());
         let s = e
             .compile("fn f(x) { f(x) } f(1)", origin(), Stage::Filter)
             .unwrap();
-        assert!(e.filter(&route, &s, &vars("{}"), Body::Take).is_err());
+        assert!(e.filter(&route, &s, &vars("{}"), true).is_err());
     }
 
     #[test]
@@ -859,7 +855,7 @@ mod tests {
                 Stage::Filter,
             )
             .unwrap();
-        assert!(e.filter(&route, &s, &vars("{}"), Body::Take).unwrap());
+        assert!(e.filter(&route, &s, &vars("{}"), true).unwrap());
     }
 
     #[test]
@@ -873,12 +869,12 @@ mod tests {
                 Stage::Filter,
             )
             .unwrap();
-        let err = e.filter(&route, &s, &vars("{}"), Body::Take).unwrap_err();
+        let err = e.filter(&route, &s, &vars("{}"), true).unwrap_err();
         assert_eq!(err.stage, Stage::Filter);
         assert_eq!(err.location.as_deref(), Some("rules/x.yaml:11"), "{err:?}");
         let s = e.compile("42", origin(), Stage::Filter).unwrap();
-        assert!(e.filter(&route, &s, &vars("{}"), Body::Take).is_err());
-        assert!(e.transform(&route, &s, &vars("{}"), Body::Take).is_err());
+        assert!(e.filter(&route, &s, &vars("{}"), true).is_err());
+        assert!(e.transform(&route, &s, &vars("{}"), true).is_err());
     }
 
     #[test]
