@@ -154,7 +154,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         SPOOL_CHECKPOINTS,
-        "Durable commits of the spool's database, after which its write-ahead log starts over"
+        "Durable commits of the spool's database, after which its write-ahead log goes on in its other file"
     );
     metrics::describe_counter!(
         SPOOL_COMMIT_OPS,

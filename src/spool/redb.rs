@@ -4,10 +4,11 @@
 //! commit was on its way to the disk and writes all of it in one transaction with one fsync, so
 //! the cost of durability is shared by every callback that arrived meanwhile (group commit).
 //! An enqueue resolves only after its commit returned, so the ingress acknowledges nothing that
-//! is not on disk. A commit is a record of the write-ahead log (`spool.wal`); redb itself is
-//! written durably about once a second (a checkpoint), and a group that only stores and completes
-//! deliveries is not written to redb at all until then (see `Held`), so that a delivery stored
-//! and completed in between never costs redb any work.
+//! is not on disk. A commit is a record of the write-ahead log (`spool.wal`, `spool.wal.1`); redb
+//! itself is written durably about once a second (a checkpoint), and a group that only stores and
+//! completes deliveries is not written to redb at all until then (see `Held`), so that a delivery
+//! stored and completed in between never costs redb any work — nor one still on its way at the
+//! checkpoint, which carries it over in the log.
 //!
 //! Tables: `pending` ((target, due, id) → record) — the schedule with the records, scanned in due
 //! order per target, `age` (target, id) of the deliveries whose due time is not their creation
@@ -50,15 +51,31 @@ const USED_BYTES: &str = "used_bytes";
 /// The last generation of the write-ahead log whose changes redb holds durably.
 const WAL_GENERATION: &str = "wal_generation";
 
-/// Room for records in the write-ahead log; when it is full the next group is a checkpoint.
+/// Room for records in each of the write-ahead log's two files; when the current one is full the
+/// next group is a checkpoint.
+#[cfg(not(test))]
 const WAL_BYTES: u64 = 64 << 20;
+/// Smaller in unit tests, whose crash images copy the files while the writer runs.
+#[cfg(test)]
+const WAL_BYTES: u64 = 8 << 20;
+/// Most bytes of delivery records held in memory beside the log and not in redb (see [`Held`]): a
+/// group that would hold more is a checkpoint, which writes them to redb. Deliveries pile up so
+/// only while a target falls behind; a checkpoint that writes more would keep the answers that
+/// wait for it waiting longer.
+const HELD_MAX: usize = 1 << 20;
+/// Most bytes of delivery records a checkpoint carries over into the log's next generation
+/// instead of writing them to redb (see [`Held::checkpoint`]); at a checkpoint while the targets
+/// keep up, the deliveries of the last few milliseconds: up to ~140 KB at 12,000 callbacks/s.
+const CARRY_MAX: usize = 512 << 10;
 /// How long redb may hold changes that only the write-ahead log makes durable: after this the
-/// next group (or, idle, a group of its own) commits redb durably and the log starts over.
+/// next group (or, idle, a group of its own) commits redb durably and the log goes on with its
+/// next generation.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-/// How far the spool's byte count may move, up or down, between checkpoints. Deliveries stored
-/// and settled while the targets keep up cancel out and cost a checkpoint next to nothing; a
-/// backlog that grows (a target down) or drains changes pages that a checkpoint must write, and
-/// checkpoints that come often keep each one short, as an acknowledgement may wait for one.
+/// How far the spool's byte count may move, up or down, by transactions (the groups written to
+/// redb) between checkpoints. Deliveries held while the targets keep up never reach redb and do
+/// not count (they are bounded by [`HELD_MAX`]); a backlog in redb that grows (a target down) or
+/// drains changes pages that a checkpoint must write, and checkpoints that come often keep each
+/// one short, as an acknowledgement may wait for one.
 const CHECKPOINT_DRIFT: u64 = 256 << 10;
 /// Least time between the starts of two groups: under load a group waits out the rest, so that
 /// one transaction and one fsync carry more operations (each costs CPU time as well as the wait
@@ -202,9 +219,9 @@ impl RedbSpool {
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|e| storage(format!("cannot open {}: {e}", path.display())))?;
-        let wal_path = dir.join("spool.wal");
-        let mut wal = Wal::open(&wal_path, WAL_BYTES)
-            .map_err(|e| storage(format!("cannot open {}: {e}", wal_path.display())))?;
+        let wal_paths = [dir.join("spool.wal"), dir.join("spool.wal.1")];
+        let mut wal = Wal::open([&wal_paths[0], &wal_paths[1]], WAL_BYTES)
+            .map_err(|e| storage(format!("cannot open the spool's log: {e}")))?;
         let txn = db.begin_write().map_err(storage)?;
         migrate(&txn)?;
         let used = {
@@ -219,8 +236,13 @@ impl RedbSpool {
                 .replay(checkpointed + 1, |payload| {
                     replay_record(&mut tables, payload, &mut used)
                 })
-                .map_err(|e| storage(format!("cannot read {}: {e}", wal_path.display())))?
-                .map_err(|e| storage(format!("{}: {e}", wal_path.display())))?;
+                .map_err(|e| storage(format!("cannot read the spool's log: {e}")))?
+                .map_err(|e| {
+                    storage(format!(
+                        "the spool's log, generation {}: {e}",
+                        checkpointed + 1
+                    ))
+                })?;
             if replayed > 0 {
                 meta.insert(USED_BYTES, used.unwrap_or(0))
                     .map_err(storage)?;
@@ -229,7 +251,7 @@ impl RedbSpool {
                     "spool changes since the last checkpoint restored from the write-ahead log"
                 );
             }
-            // The log's changes are now redb's, durably with this commit, and the log starts over
+            // The log's changes are now redb's, durably with this commit, and the log goes on
             // with the generation after — even when nothing was replayed: a record the last run
             // wrote but never fsync'd may lie behind a torn one, and must never be read as one of
             // the records written from now on.
@@ -532,10 +554,12 @@ struct Effects {
 ///
 /// A group of operations that only stores deliveries and completes deliveries stored that way —
 /// the whole of the work while the targets keep up — is not written to redb at all: it goes to
-/// the log, fsync'd, and its deliveries are kept here until the next checkpoint (at the latest a
-/// second later) writes them to redb. A delivery stored and completed in between — nearly every
-/// one — never reaches redb: the completion cancels the held delivery (the log has both, so a
-/// replay cancels them too). Any other operation is a transaction, and one that concerns a held
+/// the log, fsync'd, and its deliveries are kept here until a checkpoint writes them to redb. A
+/// delivery stored and completed in between — nearly every one — never reaches redb: the
+/// completion cancels the held delivery (the log has both, so a replay cancels them too). The
+/// checkpoint under load carries the deliveries still on their way over into the log's next
+/// generation (see [`Held::checkpoint`]), so that those too are completed in the log; the one
+/// after writes any still held. Any other operation is a transaction, and one that concerns a held
 /// delivery (a retry, a dead letter) writes that delivery to redb first.
 ///
 /// Deliveries are held only where their target's `fresh` cache holds every delivery queued (see
@@ -544,6 +568,8 @@ struct Effects {
 #[derive(Default)]
 struct Held {
     inserts: HashMap<u128, HeldInsert>,
+    /// The records' bytes.
+    bytes: usize,
 }
 
 struct HeldInsert {
@@ -551,6 +577,20 @@ struct HeldInsert {
     due: u64,
     record: Vec<u8>,
     aged: bool,
+    /// Carried over by a checkpoint already: the next one writes it to redb.
+    carried: bool,
+}
+
+impl HeldInsert {
+    fn write(&self, id: u128, t: &mut Tables<'_>) -> Result<(), SpoolError> {
+        t.pending
+            .insert((&*self.target, self.due, id), self.record.as_slice())
+            .map_err(storage)?;
+        if self.aged {
+            t.age.insert((&*self.target, id), ()).map_err(storage)?;
+        }
+        Ok(())
+    }
 }
 
 /// One change a group planned for [`Held`].
@@ -575,10 +615,12 @@ impl Held {
             match change {
                 Change::Insert(id, insert) => {
                     target_entry(&mut ids, &insert.target).insert(id);
+                    self.bytes += insert.record.len();
                     self.inserts.insert(id, insert);
                 }
                 Change::Cancel(id) => {
                     if let Some(h) = self.inserts.remove(&id) {
+                        self.bytes -= h.record.len();
                         forget(&mut ids, &h.target, id);
                     }
                 }
@@ -591,11 +633,13 @@ impl Held {
         let mut ids = lock(&shared.held_ids);
         if fx.all_written {
             self.inserts.clear();
+            self.bytes = 0;
             ids.clear();
             return;
         }
         for id in &fx.unheld {
             if let Some(h) = self.inserts.remove(id) {
+                self.bytes -= h.record.len();
                 forget(&mut ids, &h.target, *id);
             }
         }
@@ -609,12 +653,7 @@ impl Held {
         if !fx.unheld.insert(id) {
             return Ok(());
         }
-        t.pending
-            .insert((&*h.target, h.due, id), h.record.as_slice())
-            .map_err(storage)?;
-        if h.aged {
-            t.age.insert((&*h.target, id), ()).map_err(storage)?;
-        }
+        h.write(id, t)?;
         if !fx.written.contains(&h.target) {
             fx.written.insert(h.target.clone());
         }
@@ -628,6 +667,82 @@ impl Held {
         }
         fx.all_written = true;
         Ok(())
+    }
+
+    /// At a checkpoint, which starts the log's next generation: the held deliveries that go on
+    /// being held are carried over into that generation's first record (if `may_carry`), the
+    /// others written in `t`. Returns that record (ending with the spool's byte count, `used`)
+    /// and the ids it carries; `None` when everything was written.
+    ///
+    /// A checkpoint under load comes while the deliveries of the last few milliseconds are on
+    /// their way to the targets. Written to redb, each would be removed again by a transaction
+    /// moments later; carried, it is completed in the log like any other held delivery. A
+    /// delivery is carried only once — one still held at the next checkpoint (a target that is
+    /// slow or paused) is written to redb then — and only while it is in its target's cache or in
+    /// flight, so that the scheduler finds it without reading redb. Without `may_carry` (an idle
+    /// second, a clean stop, a backlog growing) everything is written, and the log then holds
+    /// nothing redb does not.
+    fn checkpoint(
+        &self,
+        shared: &Shared,
+        may_carry: bool,
+        used: u64,
+        t: &mut Tables<'_>,
+        fx: &mut Effects,
+    ) -> Result<Option<(wal::Entries, Vec<u128>)>, SpoolError> {
+        let mut carry: HashSet<u128> = HashSet::default();
+        let mut bytes = 0;
+        if may_carry {
+            let in_flight = lock(&shared.in_flight);
+            let queued = lock(&shared.queued);
+            let fresh = lock(&shared.fresh);
+            let mut complete: HashMap<&str, bool> = HashMap::default();
+            for (id, h) in &self.inserts {
+                if !h.carried
+                    && !fx.unheld.contains(id)
+                    && *complete
+                        .entry(&h.target)
+                        .or_insert_with(|| cache_complete(&in_flight, &queued, &fresh, &h.target))
+                {
+                    carry.insert(*id);
+                    bytes += h.record.len();
+                }
+            }
+        }
+        if carry.is_empty() || bytes > CARRY_MAX {
+            self.write_all(t, fx)?;
+            return Ok(None);
+        }
+        let mut entries = wal::Entries::default();
+        for (&id, h) in &self.inserts {
+            if !carry.contains(&id) {
+                self.write(id, t, fx)?;
+                continue;
+            }
+            entries.push(&Entry::PendingInsert {
+                target: &h.target,
+                due: h.due,
+                id,
+                value: &h.record,
+            });
+            if h.aged {
+                entries.push(&Entry::AgeInsert {
+                    target: &h.target,
+                    id,
+                });
+            }
+        }
+        entries.push(&Entry::Used(used));
+        Ok(Some((entries, carry.into_iter().collect())))
+    }
+
+    /// Notes that a checkpoint carried `ids` over.
+    fn carried(&mut self, ids: &[u128]) {
+        for id in ids {
+            if let Some(h) = self.inserts.get_mut(id) {
+                h.carried = true;
+            }
+        }
     }
 }
 
@@ -649,6 +764,8 @@ struct Plan {
     effects: Effects,
     /// Per `Enqueue`, in order: stored, or why not.
     verdicts: Vec<Result<(), SpoolError>>,
+    /// The bytes of the records it holds.
+    held: usize,
 }
 
 /// Plans a group of operations that only the log need hold (see [`Op::deferrable`]).
@@ -657,37 +774,15 @@ fn plan(shared: &Shared, ops: &[Op]) -> Plan {
     for op in ops {
         match op {
             Op::Enqueue(batch, _) => {
-                let extra: u64 = batch.deliveries.iter().map(cost).sum();
-                let verdict = fits(shared, &p.effects, extra);
-                if verdict.is_ok() {
-                    for d in &batch.deliveries {
-                        let id = id_of(&d.id);
-                        let record = codec::encode_delivery(d);
-                        let aged = in_age(d);
-                        p.entries.push(&Entry::PendingInsert {
-                            target: &d.target,
-                            due: d.due_at,
-                            id,
-                            value: &record,
-                        });
-                        if aged {
-                            p.entries.push(&Entry::AgeInsert {
-                                target: &d.target,
-                                id,
-                            });
-                        }
-                        *p.effects.queued.entry(d.target.clone()).or_default() += 1;
-                        p.effects.used += cost(d) as i64;
-                        let insert = HeldInsert {
-                            target: d.target.clone(),
-                            due: d.due_at,
-                            record,
-                            aged,
-                        };
-                        p.changes.push(Change::Insert(id, insert));
-                    }
-                }
-                p.verdicts.push(verdict);
+                let held = hold(
+                    shared,
+                    batch,
+                    |e| p.entries.push(&e),
+                    &mut p.changes,
+                    &mut p.effects,
+                );
+                p.held += held.as_ref().map_or(0, |n| *n);
+                p.verdicts.push(held.map(drop));
             }
             Op::Complete(key) => {
                 cancel(|e| p.entries.push(&e), key, &mut p.effects);
@@ -699,6 +794,50 @@ fn plan(shared: &Shared, ops: &[Op]) -> Plan {
     let used = (shared.used.load(Ordering::Acquire) as i64 + p.effects.used).max(0) as u64;
     p.entries.push(&Entry::Used(used));
     p
+}
+
+/// Stores `batch`'s deliveries in the log alone, if the spool has room for them: their entries
+/// logged (by `note`), their records planned for [`Held`] and their effects counted. Returns the
+/// records' bytes.
+fn hold(
+    shared: &Shared,
+    batch: &Batch,
+    mut note: impl FnMut(Entry<'_>),
+    changes: &mut Vec<Change>,
+    effects: &mut Effects,
+) -> Result<usize, SpoolError> {
+    let extra: u64 = batch.deliveries.iter().map(cost).sum();
+    fits(shared, effects, extra)?;
+    let mut bytes = 0;
+    for d in &batch.deliveries {
+        let id = id_of(&d.id);
+        let record = codec::encode_delivery(d);
+        let aged = in_age(d);
+        note(Entry::PendingInsert {
+            target: &d.target,
+            due: d.due_at,
+            id,
+            value: &record,
+        });
+        if aged {
+            note(Entry::AgeInsert {
+                target: &d.target,
+                id,
+            });
+        }
+        *effects.queued.entry(d.target.clone()).or_default() += 1;
+        effects.used += cost(d) as i64;
+        let insert = HeldInsert {
+            target: d.target.clone(),
+            due: d.due_at,
+            record,
+            aged,
+            carried: false,
+        };
+        bytes += insert.record.len();
+        changes.push(Change::Insert(id, insert));
+    }
+    Ok(bytes)
 }
 
 /// The completion of a held delivery: logged (by `note`), and settled, without touching redb.
@@ -775,9 +914,14 @@ fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>, wal: Wal)
         started: Instant::now(),
     };
     loop {
-        // Idle with changes that only the log holds: checkpoint when they are due.
+        // Idle with changes that only the log holds: checkpoint when they are due. Idle means no
+        // operation for GROUP_GAP at least: under load the queue is empty now and then for a
+        // moment, and a checkpoint under load carries deliveries over where an idle one writes
+        // them to redb.
         let first = if log.behind {
-            let left = CHECKPOINT_EVERY.saturating_sub(log.checkpointed.elapsed());
+            let left = CHECKPOINT_EVERY
+                .saturating_sub(log.checkpointed.elapsed())
+                .max(GROUP_GAP);
             match rx.recv_timeout(left) {
                 Ok(op) => op,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -924,9 +1068,11 @@ impl Op {
 /// A group that only stores deliveries and completes held ones is appended to the write-ahead
 /// log as one record and held there (see [`Held`]), fsync'd when anyone waits for it. Any other
 /// group is a transaction, committed to redb without an fsync and its changes appended to the
-/// log; or, when a checkpoint is due (or the log is full, or the spool's size moved
-/// [`CHECKPOINT_DRIFT`]), committed durably with everything held and the log generation it
-/// covers, after which the log starts over. An empty group is a checkpoint of its own.
+/// log; or, when a checkpoint is due (or the log is full, or the held deliveries would pass
+/// [`HELD_MAX`], or transactions moved the spool's size by [`CHECKPOINT_DRIFT`]), committed
+/// durably with what is held (or carried over, see [`Held::checkpoint`]) and the log generation
+/// it covers, after which the log goes on with the next generation. An empty group is a
+/// checkpoint of its own.
 fn write_group(
     db: &Database,
     shared: &Shared,
@@ -950,12 +1096,11 @@ fn write_group(
         transaction(db, shared, ops, log, checkpoint, &mut effects, &mut pending)
     } else {
         let plan = plan(shared, &ops);
-        if log.wal.has_room(plan.entries.as_bytes().len())
-            && (log.drift + plan.effects.used).unsigned_abs() <= CHECKPOINT_DRIFT
+        if log.wal.has_room(plan.entries.as_bytes().len()) && log.held.bytes + plan.held <= HELD_MAX
         {
             log_only(shared, ops, plan, log, &mut effects, &mut pending)
         } else {
-            // Too much for the log, or for redb to be behind by: a checkpoint.
+            // Too much for the log, or to hold: a checkpoint.
             transaction(db, shared, ops, log, true, &mut effects, &mut pending)
         }
     };
@@ -1087,6 +1232,7 @@ fn log_only(
         changes,
         effects: planned,
         verdicts,
+        ..
     } = plan;
     *effects = planned;
     let mut verdicts = verdicts.into_iter();
@@ -1104,14 +1250,13 @@ fn log_only(
         .map_err(|e| log_error(log, e))?;
     log.held.keep(shared, changes);
     log.behind = true;
-    log.drift += effects.used;
     Ok(())
 }
 
 fn log_error(log: &Logged, e: std::io::Error) -> SpoolError {
     storage(format!(
         "cannot write the spool's log {}: {e}",
-        log.wal.path.display()
+        log.wal.path().display()
     ))
 }
 
@@ -1128,47 +1273,112 @@ fn transaction(
     pending: &mut Vec<Pending>,
 ) -> Result<(), SpoolError> {
     let awaited = ops.iter().any(Op::awaited);
+    let ops_empty = ops.is_empty();
+    // Deliveries stored by this group are held like those of a group that is only logged (else
+    // their completions would make the groups they come in transactions too, and so on) — but
+    // for a group that puts a delivery back into redb's schedule (a retry, a revival): that leaves
+    // its target's cache incomplete, and a delivery held then would be found by no scheduler until
+    // a checkpoint wrote it.
+    let hold_stores = !checkpoint
+        && !ops
+            .iter()
+            .any(|op| matches!(op, Op::Retry { .. } | Op::Revive(..)))
+        && taken_from_memory(shared, &ops);
+    let mut changes = Vec::new();
+    let mut held_bytes = 0;
+    // How the spool's byte count moved by what is held, not written to redb.
+    let mut held_used = 0;
     let mut txn = db.begin_write().map_err(storage)?;
-    let entries = {
+    let (entries, carry) = {
         let mut tables = Tables::open(&txn, !checkpoint)?;
         for op in ops {
-            if let Op::Complete(key) = &op {
-                if log.held.holds(&key.target, key.due, key.id) {
-                    cancel(|e| tables.note(e), key, effects);
+            let before = effects.used;
+            match op {
+                Op::Complete(key) if log.held.holds(&key.target, key.due, key.id) => {
+                    cancel(|e| tables.note(e), &key, effects);
                     effects.unheld.insert(key.id);
-                    continue;
+                    held_used += effects.used - before;
+                }
+                Op::Enqueue(batch, reply)
+                    if hold_stores
+                        && batch.dead.is_empty()
+                        && log.held.bytes + held_bytes <= HELD_MAX =>
+                {
+                    match hold(shared, &batch, |e| tables.note(e), &mut changes, effects) {
+                        Ok(n) => {
+                            held_bytes += n;
+                            effects.stored.extend(batch.deliveries);
+                            pending.push(Pending::Unit(reply, Ok(())));
+                        }
+                        Err(e) => pending.push(Pending::Unit(reply, Err(e))),
+                    }
+                    held_used += effects.used - before;
+                }
+                op => {
+                    if let Some(id) = op.held_delivery(&log.held) {
+                        log.held.write(id, &mut tables, effects)?;
+                    }
+                    apply(&mut tables, shared, op, effects, pending)?;
                 }
             }
-            if let Some(id) = op.held_delivery(&log.held) {
-                log.held.write(id, &mut tables, effects)?;
-            }
-            apply(&mut tables, shared, op, effects, pending)?;
         }
         let used = (shared.used.load(Ordering::Acquire) as i64 + effects.used).max(0) as u64;
         tables.note(Entry::Used(used));
         let entries = tables.log.take();
-        if entries.as_ref().is_some_and(|e| {
-            !log.wal.has_room(e.as_bytes().len())
-                || (log.drift + effects.used).unsigned_abs() > CHECKPOINT_DRIFT
-        }) {
+        let drifted = (log.drift + effects.used - held_used).unsigned_abs() > CHECKPOINT_DRIFT;
+        if entries
+            .as_ref()
+            .is_some_and(|e| drifted || !log.wal.has_room(e.as_bytes().len()))
+        {
             checkpoint = true;
+            // The log this group was to be held by starts over: redb holds its deliveries.
+            for change in changes.drain(..) {
+                if let Change::Insert(id, insert) = change {
+                    insert.write(id, &mut tables)?;
+                }
+            }
         }
         let mut meta = txn.open_table(META).map_err(storage)?;
         meta.insert(USED_BYTES, used).map_err(storage)?;
+        let mut carry = None;
         if checkpoint {
-            // The log starts over after this commit: redb must hold all it held.
-            log.held.write_all(&mut tables, effects)?;
+            // The log's next generation starts after this commit: redb must hold all the log
+            // held, but for what that generation's first record carries over.
+            let may_carry = !ops_empty;
+            carry = log
+                .held
+                .checkpoint(shared, may_carry, used, &mut tables, effects)?;
             meta.insert(WAL_GENERATION, log.wal.generation())
                 .map_err(storage)?;
         }
-        entries
+        (entries, carry)
     };
     if checkpoint {
+        // The next generation's first record is on disk before the commit that makes it the one
+        // a replay reads; the current generation stays whole in its own file until then.
+        let next = match carry {
+            Some((mut first, ids)) => {
+                let next = log.wal.prepare_next(&mut first).map_err(|e| {
+                    storage(format!(
+                        "cannot write the spool's log {}: {e}",
+                        log.wal.next_path().display()
+                    ))
+                })?;
+                Some((next, ids))
+            }
+            None => None,
+        };
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         commit(txn)?;
-        log.wal.restart(log.wal.generation() + 1);
+        log.behind = next.is_some();
+        match next {
+            Some((next, ids)) => {
+                log.wal.start(next);
+                log.held.carried(&ids);
+            }
+            None => log.wal.restart(log.wal.generation() + 1),
+        }
         log.checkpointed = Instant::now();
-        log.behind = false;
         log.drift = 0;
         metrics::counter!(m::SPOOL_CHECKPOINTS).increment(1);
     } else {
@@ -1179,8 +1389,9 @@ fn transaction(
             .map_err(|e| log_error(log, e))?;
         txn.set_durability(Durability::None).map_err(storage)?;
         commit(txn)?;
+        log.held.keep(shared, changes);
         log.behind = true;
-        log.drift += effects.used;
+        log.drift += effects.used - held_used;
     }
     log.held.release(shared, effects);
     Ok(())
@@ -2039,7 +2250,7 @@ mod tests {
         assert!(bare.get_dead(&c.id).unwrap().is_none());
         drop(bare);
 
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal"]);
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
         drop(spool);
         // Opened twice: the first replays the log, and closing checkpoints; the second must
         // find the same, not the log applied again.
@@ -2075,7 +2286,8 @@ mod tests {
             e
         };
         {
-            let mut log = Wal::open(&dir.path().join("spool.wal"), WAL_BYTES).unwrap();
+            let (first, second) = (dir.path().join("spool.wal"), dir.path().join("spool.wal.1"));
+            let mut log = Wal::open([&first, &second], WAL_BYTES).unwrap();
             log.append(&mut record_of(&x), false).unwrap();
             log.append(&mut record_of(&stale), false).unwrap();
         }
@@ -2090,7 +2302,7 @@ mod tests {
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(spool.stats("t").queued, 0);
         put(&spool, vec![x.clone()]).await;
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal"]);
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
         drop(spool);
         let spool = RedbSpool::open(image.path(), 1 << 30).unwrap();
         let queued = taken_ids(&spool, "t", 10, 10);
@@ -2122,7 +2334,7 @@ mod tests {
         assert_eq!(spool.stats("t").queued, 1);
 
         // A crash now: the log has all of it.
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal"]);
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
         // A flush stores it in the log: still nothing in redb.
         spool.flush().await.unwrap();
         assert!(rows_in_redb(&spool).is_empty());
@@ -2137,6 +2349,187 @@ mod tests {
         let spool = RedbSpool::open(image.path(), 1 << 30).unwrap();
         let ids = taken_ids(&spool, "t", 10, 10);
         assert_eq!(ids, vec![b.id.clone(), c.id.clone()]);
+    }
+
+    /// Stores `first` and then `second` such that `second`'s group is a checkpoint under load:
+    /// the writer is held up (it waits for a lock the test holds) on `first`'s group until the
+    /// checkpoint is due, and `second` is waiting for it then, so the idle checkpoint never comes.
+    async fn checkpoint_under_load(spool: &RedbSpool, first: Delivery, second: Delivery) {
+        let batch = |d: Delivery| Batch {
+            deliveries: vec![d],
+            dead: Vec::new(),
+        };
+        let held_up = lock(&spool.shared.in_flight);
+        let first = spool.enqueue(batch(first));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let second = spool.enqueue(batch(second));
+        std::thread::sleep(CHECKPOINT_EVERY);
+        drop(held_up);
+        first.await.unwrap();
+        second.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_under_load_carries_deliveries_on_their_way_over_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let log_files = ["spool.wal", "spool.wal.1"];
+        let (a, b) = (delivery("t", 1), delivery("t", 1));
+        put(&spool, vec![a.clone(), b.clone()]).await;
+        assert_eq!(taken_ids(&spool, "t", 1, 1), vec![a.id.clone()]);
+        // redb as it was before the checkpoint, with the log as it will be after it: a crash
+        // after the next generation was written and before redb's commit named it.
+        let before = crash_image(dir.path(), &["spool.redb"]);
+
+        let (c, d) = (delivery("t", 2), delivery("t", 2));
+        checkpoint_under_load(&spool, c.clone(), d.clone()).await;
+        // `d` came in the checkpoint's own transaction; `a` (in flight), `b` and `c` (queued)
+        // were carried over in the log, not written to redb.
+        assert_eq!(rows_in_redb(&spool), vec![id_of(&d.id)]);
+        for file in log_files {
+            std::fs::copy(dir.path().join(file), before.path().join(file)).unwrap();
+        }
+        let after = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        // A carried delivery is completed in the log alone, like any held one. (The assertions on
+        // redb's rows come within the second, before an idle checkpoint would write them all.)
+        spool.complete(&a);
+        spool.flush().await.unwrap();
+        assert_eq!(rows_in_redb(&spool), vec![id_of(&d.id)]);
+        let completed = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+
+        let queued_after_reopening =
+            |image: &Path| queued(&RedbSpool::open(image, 1 << 30).unwrap());
+        assert_eq!(queued_after_reopening(before.path()), ids(&[&a, &b, &c]));
+        assert_eq!(queued_after_reopening(after.path()), ids(&[&a, &b, &c, &d]));
+        assert_eq!(queued_after_reopening(completed.path()), ids(&[&b, &c, &d]));
+
+        // Still held at the next checkpoint: carried once already, written to redb now.
+        let (e, f) = (delivery("t", 3), delivery("t", 3));
+        checkpoint_under_load(&spool, e.clone(), f.clone()).await;
+        let mut rows = rows_in_redb(&spool);
+        rows.sort();
+        let mut want: Vec<u128> = [&b, &c, &d, &f].iter().map(|x| id_of(&x.id)).collect();
+        want.sort();
+        assert_eq!(rows, want);
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        assert_eq!(
+            queued_after_reopening(image.path()),
+            ids(&[&b, &c, &d, &e, &f])
+        );
+        // Every delivery is handed out once, from memory.
+        assert_eq!(queued(&spool), ids(&[&b, &c, &d, &e, &f]));
+    }
+
+    /// The ids of `ds`, sorted.
+    fn ids(ds: &[&Delivery]) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = ds.iter().map(|d| d.id.clone()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// The ids of every delivery of target `t` the spool hands out now (up to 10), sorted.
+    fn queued(spool: &RedbSpool) -> Vec<Arc<str>> {
+        let mut ids = taken_ids(spool, "t", 10, 10);
+        ids.sort();
+        ids
+    }
+
+    /// Sends what `send` sends as one group: the writer is held up (it waits for a lock the test
+    /// holds) on a group of its own, storing `first`, while `send` runs.
+    fn in_one_group(spool: &RedbSpool, first: Delivery, send: impl FnOnce()) {
+        let held_up = lock(&spool.shared.in_flight);
+        drop(spool.enqueue(Batch {
+            deliveries: vec![first],
+            dead: Vec::new(),
+        }));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        send();
+        drop(held_up);
+    }
+
+    /// A group with a dead letter in it is a transaction; the deliveries it stores are held all
+    /// the same, else their completions would make the groups they come in transactions too. A
+    /// group with a retry stores them in redb: its target's cache no longer holds every delivery,
+    /// and the scheduler must find them there.
+    #[tokio::test]
+    async fn deliveries_stored_by_a_transaction_are_held_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let (a, b) = (delivery("t", 1), delivery("t", 1));
+        put(&spool, vec![a.clone(), b.clone()]).await;
+        let taken = spool.take_due("t", 1, 2);
+        let (c, y) = (delivery("t", 1), delivery("t", 1));
+        in_one_group(&spool, c.clone(), || {
+            let letter = DeadLetter::of_delivery(&taken[0], "r".into(), None, Bytes::new(), 1);
+            spool.bury(&taken[0], letter);
+            drop(spool.enqueue(Batch {
+                deliveries: vec![y.clone()],
+                dead: Vec::new(),
+            }));
+        });
+        spool.flush().await.unwrap();
+        // `a` went to redb to be buried; `y` stayed in the log, as `b` and `c` did.
+        assert!(rows_in_redb(&spool).is_empty());
+        assert!(spool.get_dead(&a.id).unwrap().is_some());
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let reopened = RedbSpool::open(image.path(), 1 << 30).unwrap();
+        assert_eq!(queued(&reopened), ids(&[&b, &c, &y]));
+        drop(reopened);
+        // The running spool hands out the two stored since, from memory.
+        assert_eq!(queued(&spool), ids(&[&c, &y]));
+
+        let z = delivery("t", 1);
+        in_one_group(&spool, delivery("t", 1), || {
+            spool.retry_at(taken[1].clone(), 5);
+            drop(spool.enqueue(Batch {
+                deliveries: vec![z.clone()],
+                dead: Vec::new(),
+            }));
+        });
+        spool.flush().await.unwrap();
+        assert!(
+            rows_in_redb(&spool).contains(&id_of(&z.id)),
+            "{z:?} in redb"
+        );
+        let handed_out = taken_ids(&spool, "t", 10, 10);
+        assert!(
+            handed_out.contains(&z.id) && handed_out.contains(&b.id),
+            "{handed_out:?}"
+        );
+    }
+
+    /// A transaction that turns out to move the spool too far is a checkpoint: the log starts
+    /// over, and the deliveries the group was to hold there are written to redb with it.
+    #[tokio::test]
+    async fn a_transaction_that_becomes_a_checkpoint_writes_what_it_would_have_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
+        let big = Delivery {
+            body: Bytes::from(vec![b'x'; 300 << 10]),
+            ..delivery("t", 1)
+        };
+        let letter = DeadLetter::of_delivery(&delivery("u", 1), "r".into(), None, Bytes::new(), 1);
+        let (c, y) = (delivery("t", 1), delivery("t", 1));
+        in_one_group(&spool, c.clone(), || {
+            // With a dead letter, a batch goes to redb: 300 KiB more there since the checkpoint.
+            drop(spool.enqueue(Batch {
+                deliveries: vec![big.clone()],
+                dead: vec![letter],
+            }));
+            drop(spool.enqueue(Batch {
+                deliveries: vec![y.clone()],
+                dead: Vec::new(),
+            }));
+        });
+        spool.flush().await.unwrap();
+        let mut rows = rows_in_redb(&spool);
+        rows.sort();
+        let mut want = vec![id_of(&big.id), id_of(&y.id)];
+        want.sort();
+        assert_eq!(rows, want, "`c` carried over, `y` and the big one in redb");
+        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let reopened = RedbSpool::open(image.path(), 1 << 30).unwrap();
+        assert_eq!(queued(&reopened), ids(&[&big, &c, &y]));
     }
 
     /// A backlog read from redb, completed in part, and a delivery stored behind it (its target's
@@ -2221,11 +2614,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
         let big = |due| Delivery {
-            body: Bytes::from(vec![b'x'; 100 << 10]),
+            body: Bytes::from(vec![b'x'; 400 << 10]),
             ..delivery("t", due)
         };
-        // The third grows the spool past CHECKPOINT_DRIFT since the last checkpoint: its group
-        // is committed to redb durably, with the two before; the fourth is in the log only.
+        // The third would hold more than HELD_MAX: its group is committed to redb durably, with
+        // the two before (more than a checkpoint carries over); the fourth is in the log only.
         for due in 1..=4 {
             put(&spool, vec![big(due)]).await;
         }

@@ -1,5 +1,5 @@
-//! The spool's write-ahead log, `spool.wal`: what makes a spool transaction durable without
-//! writing the database's pages.
+//! The spool's write-ahead log, `spool.wal` and `spool.wal.1`: what makes a spool transaction
+//! durable without writing the database's pages.
 //!
 //! The writer thread commits each group of operations to redb without an fsync (redb keeps the
 //! pages in its buffers) and appends what the group changed, table by table, to this log as one
@@ -7,9 +7,15 @@
 //! write of the bytes that changed, where a durable redb commit writes every B-tree page the
 //! group touched — about two dozen scattered 4 KiB writes per group. Now and then (see `redb.rs`)
 //! a checkpoint commits redb durably and records in its `meta` table the generation of the log it
-//! covers; the log then starts again at its beginning with the next generation.
+//! covers; the log then goes on with the next generation, in its other file.
 //!
-//! A record is `magic, length, generation, crc32, entries`. The file is preallocated and reused
+//! The log is two files used in turn, one generation each: odd generations in the first, even
+//! ones in the second. The next generation can so be written, and made durable, before redb's
+//! commit says the current one is covered — a checkpoint carries what only the log holds over
+//! into the next generation's first record instead of writing it to redb — while the current
+//! generation's records stay whole until that commit is on disk.
+//!
+//! A record is `magic, length, generation, crc32, entries`. Each file is preallocated and reused
 //! in place, so records of earlier generations lie behind the last one written: reading stops at
 //! the first record that is torn, damaged or of another generation. Records are fsync'd in
 //! order, so every record before an fsync'd one is whole.
@@ -129,6 +135,18 @@ impl Entries {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0[HEADER..]
     }
+
+    /// Fills in the header for a record of `generation`: the record, as it is written.
+    fn seal(&mut self, generation: u64) -> &[u8] {
+        let (header, payload) = self.0.split_at_mut(HEADER);
+        let header: &mut [u8; HEADER] = header.try_into().expect("HEADER bytes");
+        header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        header[8..16].copy_from_slice(&generation.to_le_bytes());
+        let crc = checksum(header, payload);
+        header[16..20].copy_from_slice(&crc.to_le_bytes());
+        &self.0
+    }
 }
 
 fn put_bytes(b: &mut Vec<u8>, bytes: &[u8]) {
@@ -208,39 +226,45 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The log file, written from its beginning after each checkpoint.
-pub struct Wal {
+/// One of the log's two files.
+struct LogFile {
     file: File,
-    pub path: PathBuf,
+    path: PathBuf,
+}
+
+/// The log: two files, each written from its beginning when a generation starts in it.
+pub struct Wal {
+    files: [LogFile; 2],
     capacity: u64,
     generation: u64,
-    /// Where the next record goes.
+    /// Where the next record goes, in the current generation's file.
     pos: u64,
     /// Whether records were written since the last fsync.
     unsynced: bool,
 }
 
+/// The next generation, its first record written and durable: [`Wal::start`] goes on with it.
+#[must_use]
+pub struct Next {
+    generation: u64,
+    pos: u64,
+}
+
+/// The file a generation's records go to: odd generations in the first, even in the second.
+fn slot(generation: u64) -> usize {
+    ((generation + 1) % 2) as usize
+}
+
 impl Wal {
-    /// Opens `path`, creating it with room for `capacity` bytes of records if it does not exist.
-    /// Writing starts at generation 1 until [`Wal::restart`] says otherwise.
-    pub fn open(path: &Path, capacity: u64) -> io::Result<Wal> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        if file.metadata()?.len() < capacity {
-            // Allocated up front, so that an append's fsync has no file size to write too.
-            allocate(&file, capacity)?;
-            file.sync_all()?;
-            if let Some(dir) = path.parent() {
-                File::open(dir)?.sync_all()?;
-            }
-        }
+    /// Opens the log's two files, creating each with room for `capacity` bytes of records if it
+    /// does not exist. Writing starts at generation 1 until [`Wal::restart`] says otherwise.
+    pub fn open(paths: [&Path; 2], capacity: u64) -> io::Result<Wal> {
+        let open = |path: &Path| {
+            open_file(path, capacity)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        };
         Ok(Wal {
-            file,
-            path: path.to_path_buf(),
+            files: [open(paths[0])?, open(paths[1])?],
             capacity,
             generation: 1,
             pos: 0,
@@ -248,20 +272,42 @@ impl Wal {
         })
     }
 
-    /// Calls `apply` with the payload of each record of `generation`, in order from the
-    /// beginning of the file, and returns how many there were.
+    /// The file the current generation's records go to.
+    pub fn path(&self) -> &Path {
+        &self.files[slot(self.generation)].path
+    }
+
+    /// The file the next generation's records go to.
+    pub fn next_path(&self) -> &Path {
+        &self.files[slot(self.generation + 1)].path
+    }
+
+    /// Calls `apply` with the payload of each record of `generation`, in order, and returns how
+    /// many there were. Both files are read: a generation is written to one file only, which is
+    /// not always the one its number gives (a log of one file, from before there were two, has
+    /// every generation in the first).
     pub fn replay(
         &self,
         generation: u64,
         mut apply: impl FnMut(&[u8]) -> Result<(), String>,
     ) -> io::Result<Result<u64, String>> {
-        let mut reader = io::BufReader::with_capacity(
-            64 << 10,
-            At {
-                file: &self.file,
-                pos: 0,
-            },
-        );
+        let mut records = 0;
+        for file in &self.files {
+            match self.replay_file(&file.file, generation, &mut apply)? {
+                Ok(n) => records += n,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(records))
+    }
+
+    fn replay_file(
+        &self,
+        file: &File,
+        generation: u64,
+        apply: &mut impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> io::Result<Result<u64, String>> {
+        let mut reader = io::BufReader::with_capacity(64 << 10, At { file, pos: 0 });
         let mut pos = 0u64;
         let mut records = 0u64;
         let mut payload = Vec::new();
@@ -293,7 +339,7 @@ impl Wal {
         Ok(Ok(records))
     }
 
-    /// From now on records go to the beginning of the file, as `generation`.
+    /// From now on records go to the beginning of `generation`'s file, as `generation`.
     pub fn restart(&mut self, generation: u64) {
         self.generation = generation;
         self.pos = 0;
@@ -312,30 +358,73 @@ impl Wal {
     /// Appends one record; with `sync`, returns once it (and every record before it) is on disk.
     /// A record that could not be written is not counted: the next one takes its place.
     pub fn append(&mut self, entries: &mut Entries, sync: bool) -> io::Result<()> {
-        let (header, payload) = entries.0.split_at_mut(HEADER);
-        let header: &mut [u8; HEADER] = header.try_into().expect("HEADER bytes");
-        header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        header[8..16].copy_from_slice(&self.generation.to_le_bytes());
-        let crc = checksum(header, payload);
-        header[16..20].copy_from_slice(&crc.to_le_bytes());
-        self.file.write_all_at(&entries.0, self.pos)?;
+        let record = entries.seal(self.generation);
+        self.files[slot(self.generation)]
+            .file
+            .write_all_at(record, self.pos)?;
         self.unsynced = true;
         if sync {
             self.sync()?;
         }
-        self.pos += entries.0.len() as u64;
+        self.pos += record.len() as u64;
         Ok(())
+    }
+
+    /// Writes `first` as the first record of the next generation, at the beginning of the other
+    /// file, and returns once it is on disk. The current generation is untouched: records still
+    /// go to it until [`Wal::start`].
+    pub fn prepare_next(&mut self, first: &mut Entries) -> io::Result<Next> {
+        let generation = self.generation + 1;
+        let record = first.seal(generation);
+        if record.len() as u64 > self.capacity {
+            return Err(io::Error::other("a record larger than the log"));
+        }
+        let file = &self.files[slot(generation)].file;
+        file.write_all_at(record, 0)?;
+        file.sync_data()?;
+        Ok(Next {
+            generation,
+            pos: record.len() as u64,
+        })
+    }
+
+    /// Goes on with the generation [`Wal::prepare_next`] began, after its first record.
+    pub fn start(&mut self, next: Next) {
+        self.generation = next.generation;
+        self.pos = next.pos;
+        self.unsynced = false;
     }
 
     /// Makes every record written so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.unsynced {
-            self.file.sync_data()?;
+            self.files[slot(self.generation)].file.sync_data()?;
             self.unsynced = false;
         }
         Ok(())
     }
+}
+
+/// Opens one of the log's files, preallocated to `capacity` bytes.
+fn open_file(path: &Path, capacity: u64) -> io::Result<LogFile> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    if file.metadata()?.len() < capacity {
+        // Allocated up front, so that an append's fsync has no file size to write too.
+        allocate(&file, capacity)?;
+        file.sync_all()?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+    }
+    Ok(LogFile {
+        file,
+        path: path.to_path_buf(),
+    })
 }
 
 /// Reads the file from a position of its own (not the file's cursor).
@@ -461,50 +550,126 @@ mod tests {
         assert!(cut.last().unwrap().is_err());
     }
 
+    /// The log's two files in a new directory.
+    fn files(dir: &tempfile::TempDir) -> [PathBuf; 2] {
+        [dir.path().join("spool.wal"), dir.path().join("spool.wal.1")]
+    }
+
+    fn open(paths: &[PathBuf; 2], capacity: u64) -> Wal {
+        Wal::open([&paths[0], &paths[1]], capacity).unwrap()
+    }
+
     #[test]
     fn records_of_the_current_generation_are_replayed_in_order_and_no_others() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool.wal");
-        let mut wal = Wal::open(&path, 1 << 16).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 16);
+        let paths = files(&dir);
+        let mut wal = open(&paths, 1 << 16);
+        for path in &paths {
+            assert_eq!(std::fs::metadata(path).unwrap().len(), 1 << 16);
+        }
         wal.restart(4);
         for n in 0..3 {
             wal.append(&mut sample(n), n == 2).unwrap();
         }
-        // Generation 5 overwrites the start: the last record of generation 4 lies behind it.
+        assert_eq!(wal.path(), paths[1]);
+        // Generation 5 goes to the other file; 6 to generation 4's, over its start: the last
+        // record of generation 4 lies behind it.
         wal.restart(5);
+        wal.append(&mut sample(5), true).unwrap();
+        assert_eq!(wal.path(), paths[0]);
+        wal.restart(6);
         wal.append(&mut sample(10), true).unwrap();
         wal.append(&mut sample(11), true).unwrap();
         drop(wal);
 
-        let wal = Wal::open(&path, 1 << 16).unwrap();
+        let wal = open(&paths, 1 << 16);
         assert_eq!(
-            replayed(&wal, 5),
+            replayed(&wal, 6),
             vec![
                 sample(10).as_bytes().to_vec(),
                 sample(11).as_bytes().to_vec()
             ]
         );
+        assert_eq!(replayed(&wal, 5), vec![sample(5).as_bytes().to_vec()]);
         // Generation 4's records are stale: the first of them was overwritten.
         assert!(replayed(&wal, 4).is_empty());
-        assert!(replayed(&wal, 6).is_empty());
+        assert!(replayed(&wal, 7).is_empty());
+    }
+
+    /// A checkpoint writes the next generation's first record before redb says the current one
+    /// is covered: until then both are whole, each in its file.
+    #[test]
+    fn the_next_generation_begins_in_the_other_file_and_leaves_the_current_one_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = files(&dir);
+        let mut wal = open(&paths, 1 << 16);
+        wal.restart(7);
+        wal.append(&mut sample(1), false).unwrap();
+        wal.append(&mut sample(2), true).unwrap();
+        let next = wal.prepare_next(&mut sample(3)).unwrap();
+        // Not started yet: records still go to generation 7.
+        wal.append(&mut sample(4), true).unwrap();
+        assert_eq!(wal.generation(), 7);
+        let reopened = open(&paths, 1 << 16);
+        let seven: Vec<Vec<u8>> = [1, 2, 4].map(|n| sample(n).as_bytes().to_vec()).into();
+        assert_eq!(replayed(&reopened, 7), seven);
+        assert_eq!(replayed(&reopened, 8), vec![sample(3).as_bytes().to_vec()]);
+
+        wal.start(next);
+        assert_eq!(wal.generation(), 8);
+        assert_eq!(wal.path(), paths[1]);
+        wal.append(&mut sample(5), true).unwrap();
+        let reopened = open(&paths, 1 << 16);
+        assert_eq!(replayed(&reopened, 7), seven);
+        assert_eq!(
+            replayed(&reopened, 8),
+            vec![sample(3).as_bytes().to_vec(), sample(5).as_bytes().to_vec()]
+        );
+        // The generation after starts over in generation 7's file.
+        let next = wal.prepare_next(&mut sample(6)).unwrap();
+        wal.start(next);
+        assert_eq!(wal.path(), paths[0]);
+        let reopened = open(&paths, 1 << 16);
+        assert!(replayed(&reopened, 7).is_empty());
+        assert_eq!(replayed(&reopened, 9), vec![sample(6).as_bytes().to_vec()]);
+        // A first record larger than a file is refused, and nothing changes.
+        let mut huge = Entries::default();
+        huge.push(&Entry::DeadInsert {
+            id: 1,
+            value: &vec![0; 1 << 16],
+        });
+        assert!(wal.prepare_next(&mut huge).is_err());
+        assert_eq!(replayed(&open(&paths, 1 << 16), 9).len(), 1);
+    }
+
+    /// A data directory from when the log was one file has every generation in `spool.wal`.
+    #[test]
+    fn a_generation_is_read_from_whichever_file_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = files(&dir);
+        let mut one_file = Wal::open([&paths[1], &paths[0]], 1 << 16).unwrap();
+        one_file.restart(2);
+        one_file.append(&mut sample(1), true).unwrap();
+        drop(one_file);
+        let wal = open(&paths, 1 << 16);
+        assert_eq!(replayed(&wal, 2), vec![sample(1).as_bytes().to_vec()]);
     }
 
     #[test]
     fn reading_stops_at_a_torn_or_damaged_record() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool.wal");
-        let mut wal = Wal::open(&path, 1 << 16).unwrap();
+        let paths = files(&dir);
+        let mut wal = open(&paths, 1 << 16);
         for n in 0..3 {
             wal.append(&mut sample(n), true).unwrap();
         }
         drop(wal);
         let record = (HEADER + sample(0).as_bytes().len()) as u64;
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let file = OpenOptions::new().write(true).open(&paths[0]).unwrap();
         // One byte of the third record's payload flipped, as a torn write would leave it.
         file.write_all_at(&[0xff], 2 * record + HEADER as u64 + 3)
             .unwrap();
-        let wal = Wal::open(&path, 1 << 16).unwrap();
+        let wal = open(&paths, 1 << 16);
         assert_eq!(replayed(&wal, 1).len(), 2);
         // The second record's length damaged: nothing from there on.
         file.write_all_at(&[0xff, 0xff], record + 4).unwrap();
@@ -514,9 +679,8 @@ mod tests {
     #[test]
     fn a_full_log_says_so_and_an_error_from_apply_stops_the_replay() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool.wal");
         let record = HEADER + sample(0).as_bytes().len();
-        let mut wal = Wal::open(&path, 2 * record as u64).unwrap();
+        let mut wal = open(&files(&dir), 2 * record as u64);
         assert!(wal.has_room(sample(0).as_bytes().len()));
         wal.append(&mut sample(0), false).unwrap();
         wal.append(&mut sample(1), true).unwrap();
