@@ -20,8 +20,8 @@
 # Then a paced run: the ceiling, the peer and switchyard at the same offered rate, PACED
 # callbacks/s — by default the peer's own sustained rate (the lowest of its rounds), the load the
 # ack-latency goal is set for — for the ack latency at that load rather than at saturation. Each
-# connection waits between an answer and its next request; the wait is tuned after the warm-up so
-# that the rate comes out at PACED when the server carries it. The ceiling's paced p99 is what wrk
+# connection waits between an answer and its next request; the wait is tuned after each of two
+# warm-ups so that the rate comes out at PACED when the server carries it. The ceiling's paced p99 is what wrk
 # and the scheduler alone add at that rate here, with no work behind the answer: no server beats it.
 #
 # Usage: bench/fanout.sh           (about 3 minutes on a 2-core machine, plus the build)
@@ -151,27 +151,30 @@ declare -A RPS P50 P99 ACKED NON2XX ERRS SINKS SUSTAINED DRAIN_S RSS_IDLE RSS_PE
 
 # run_load KEY [LUA]: warm-up, then the measured wrk run; fills RPS, P50, P99, ACKED, NON2XX, ERRS.
 # run_load KEY [LUA] [RATE]: the warm-up and the measured run. With RATE (the paced run), LUA
-# waits PACED_DELAY ms between an answer and the next request; the warm-up shows how long an
-# answer takes at that pace, and the measured run waits that much less, so it offers RATE.
+# waits PACED_DELAY ms between an answer and the next request; each of two warm-ups shows how long
+# a connection's cycle takes at its pace, and the next run's wait is changed by what that misses
+# of RATE, so the measured run offers RATE.
 run_load() {
   local key=$1 lua=${2:-$LUA} rate=${3:-0} out="$BENCH_OUT/wrk-fanout-$1.txt" warm="$BENCH_OUT/wrk-fanout-$1-warmup.txt"
-  local non2xx
-  if ((WARMUP > 0)); then
+  local non2xx warm_acked=0 pass passes=1 wait=${PACED_DELAY:-0}
+  # Paced, the warm-up runs twice: the answers are slower at the offered rate than at the first
+  # guess, and the second warm-up, nearer that rate, corrects the wait again.
+  ((rate > 0)) && passes=2
+  for pass in $(seq 1 "$passes"); do
+    ((WARMUP > 0)) || break
     bench_wrk "$warm" "$WARMUP" "$lua"
+    # What the warm-up sent is part of what the sinks must get.
+    warm_acked=$((warm_acked + $(bench_wrk_field "$warm" requests) - $(bench_wrk_field "$warm" non2xx)))
     if ((rate > 0)); then
-      local tuned
-      tuned=$(awk -v c="$CONNECTIONS" -v r="$rate" -v d="$PACED_DELAY" -v got="$(bench_wrk_field "$warm" rps)" \
-        'BEGIN {if (got <= 0) {printf "%.3f", d; exit} answer = 1000 * c / got - d; t = 1000 * c / r - answer; if (t < 0) t = 0; printf "%.3f", t}')
+      # A connection's cycle is its answer and its wait: the wait changes by what the cycle
+      # misses of the one that gives RATE.
+      wait=$(awk -v c="$CONNECTIONS" -v r="$rate" -v d="$wait" -v got="$(bench_wrk_field "$warm" rps)" \
+        'BEGIN {if (got <= 0) {printf "%.3f", d; exit} t = d + 1000 * c / r - 1000 * c / got; if (t < 0) t = 0; printf "%.3f", t}')
       lua="$BENCH_TMP/paced-$key.lua"
-      bench_write_lua "$lua" 0 "$tuned"
-      PACED_WAIT[$key]=$tuned
+      bench_write_lua "$lua" 0 "$wait"
+      PACED_WAIT[$key]=$wait
     fi
-  fi
-  # What the warm-up sent is part of what the sinks must get.
-  local warm_acked=0
-  if ((WARMUP > 0)); then
-    warm_acked=$(($(bench_wrk_field "$warm" requests) - $(bench_wrk_field "$warm" non2xx)))
-  fi
+  done
   CPU0=$(bench_pids_cpu_seconds "$SERVER_PID")
   SINK_CPU0=$(bench_pids_cpu_seconds "$NGINX_PID")
   T_LOAD0=$(bench_now)
@@ -284,7 +287,7 @@ if ((PACED > 0)); then
   bench_write_lua "$PACED_LUA" 0 "$PACED_DELAY"
   for server in ceiling peer switchyard; do
     [[ " $SERVERS " == *" $server "* ]] || continue
-    bench_log "paced at $PACED callbacks/s ($PACED_FROM; waits tuned after the warm-up from $PACED_DELAY ms):"
+    bench_log "paced at $PACED callbacks/s ($PACED_FROM; waits tuned after two warm-ups from $PACED_DELAY ms):"
     case $server in
       # The ceiling paced: the p99 that wrk and the scheduler alone give at this rate here.
       ceiling) measure_nginx ceiling "$CEILING_PORT" paced "$PACED_LUA" "$PACED" ;;
@@ -349,7 +352,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
   if ((${#PACED_RUNS[@]})); then
     echo
     echo "paced at $PACED callbacks/s ($PACED_FROM): each connection waits between an answer and its next request,"
-    echo "the wait tuned after the warm-up so the offered rate is $PACED/s (wait_ms; a server that cannot carry it falls short)"
+    echo "the wait tuned after two warm-ups so the offered rate is $PACED/s (wait_ms; a server that cannot carry it falls short)"
     printf '%-11s %8s %12s %12s %9s %9s %22s %9s %7s %8s\n' server wait_ms callbacks/s sustained/s p50_ms p99_ms deliveries peak_mib cpu_us sinks_us
     for server in "${PACED_RUNS[@]}"; do
       k="$server.paced"

@@ -340,7 +340,22 @@ wrk.body = "$body_lua"
 wrk.headers["Content-Type"] = "application/json"
 EOF
   if [[ "$delay_ms" != 0 ]]; then
-    printf 'function delay() return %s end\n' "$delay_ms" >>"$file"
+    # wrk takes a delay in whole milliseconds (it truncates), which would leave the paced rate a
+    # few steps to choose from: the fraction is made up by waiting a millisecond longer now and
+    # then, so that the waits average DELAY_MS.
+    local whole fraction
+    read -r whole fraction < <(awk -v d="$delay_ms" 'BEGIN {w = int(d); printf "%d %.4f\n", w, d - w}')
+    cat >>"$file" <<EOF
+local owed = 0
+function delay()
+  owed = owed + $fraction
+  if owed >= 1 then
+    owed = owed - 1
+    return $((whole + 1))
+  end
+  return $whole
+end
+EOF
   fi
   if ((per_thread > 0)); then
     cat >>"$file" <<EOF
