@@ -21,8 +21,9 @@
 # callbacks/s — by default the peer's own sustained rate (the lowest of its rounds), the load the
 # ack-latency goal is set for — for the ack latency at that load rather than at saturation. Each
 # connection waits between an answer and its next request; the wait is tuned after each of two
-# warm-ups so that the rate comes out at PACED when the server carries it. The ceiling's paced p99 is what wrk
-# and the scheduler alone add at that rate here, with no work behind the answer: no server beats it.
+# warm-ups so that the rate comes out at PACED when the server carries it. The ceiling's paced p99
+# is what wrk and the scheduler alone add at that rate here, with no work behind the answer: no
+# server beats it.
 #
 # Usage: bench/fanout.sh           (about 3 minutes on a 2-core machine, plus the build)
 #        QUICK=1 bench/fanout.sh   (a smoke run: 2 s per server)
@@ -156,11 +157,11 @@ declare -A RPS P50 P99 ACKED NON2XX ERRS SINKS SUSTAINED DRAIN_S RSS_IDLE RSS_PE
 # of RATE, so the measured run offers RATE.
 run_load() {
   local key=$1 lua=${2:-$LUA} rate=${3:-0} out="$BENCH_OUT/wrk-fanout-$1.txt" warm="$BENCH_OUT/wrk-fanout-$1-warmup.txt"
-  local non2xx warm_acked=0 pass passes=1 wait=${PACED_DELAY:-0}
+  local non2xx warm_acked=0 passes=1 wait=${PACED_DELAY:-0}
   # Paced, the warm-up runs twice: the answers are slower at the offered rate than at the first
   # guess, and the second warm-up, nearer that rate, corrects the wait again.
   ((rate > 0)) && passes=2
-  for pass in $(seq 1 "$passes"); do
+  for _ in $(seq 1 "$passes"); do
     ((WARMUP > 0)) || break
     bench_wrk "$warm" "$WARMUP" "$lua"
     # What the warm-up sent is part of what the sinks must get.

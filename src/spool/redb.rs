@@ -50,6 +50,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const USED_BYTES: &str = "used_bytes";
 /// The last generation of the write-ahead log whose changes redb holds durably.
 const WAL_GENERATION: &str = "wal_generation";
+/// The write-ahead log's two files, beside `spool.redb`.
+const WAL_FILES: [&str; 2] = ["spool.wal", "spool.wal.1"];
 
 /// Room for records in each of the write-ahead log's two files; when the current one is full the
 /// next group is a checkpoint.
@@ -219,7 +221,7 @@ impl RedbSpool {
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|e| storage(format!("cannot open {}: {e}", path.display())))?;
-        let wal_paths = [dir.join("spool.wal"), dir.join("spool.wal.1")];
+        let wal_paths = WAL_FILES.map(|name| dir.join(name));
         let mut wal = Wal::open([&wal_paths[0], &wal_paths[1]], WAL_BYTES)
             .map_err(|e| storage(format!("cannot open the spool's log: {e}")))?;
         let txn = db.begin_write().map_err(storage)?;
@@ -2223,6 +2225,9 @@ mod tests {
         assert_completed_retried_and_buried(&spool, &b, &c);
     }
 
+    /// Every file of the spool.
+    const ALL_FILES: [&str; 3] = ["spool.redb", WAL_FILES[0], WAL_FILES[1]];
+
     /// The files as a crash of the process would leave them: copied while the spool is open, so
     /// redb holds only its last checkpoint and the write-ahead log the rest.
     fn crash_image(from: &Path, files: &[&str]) -> tempfile::TempDir {
@@ -2250,7 +2255,7 @@ mod tests {
         assert!(bare.get_dead(&c.id).unwrap().is_none());
         drop(bare);
 
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let image = crash_image(dir.path(), &ALL_FILES);
         drop(spool);
         // Opened twice: the first replays the log, and closing checkpoints; the second must
         // find the same, not the log applied again.
@@ -2286,8 +2291,8 @@ mod tests {
             e
         };
         {
-            let (first, second) = (dir.path().join("spool.wal"), dir.path().join("spool.wal.1"));
-            let mut log = Wal::open([&first, &second], WAL_BYTES).unwrap();
+            let paths = WAL_FILES.map(|name| dir.path().join(name));
+            let mut log = Wal::open([&paths[0], &paths[1]], WAL_BYTES).unwrap();
             log.append(&mut record_of(&x), false).unwrap();
             log.append(&mut record_of(&stale), false).unwrap();
         }
@@ -2302,7 +2307,7 @@ mod tests {
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(spool.stats("t").queued, 0);
         put(&spool, vec![x.clone()]).await;
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let image = crash_image(dir.path(), &ALL_FILES);
         drop(spool);
         let spool = RedbSpool::open(image.path(), 1 << 30).unwrap();
         let queued = taken_ids(&spool, "t", 10, 10);
@@ -2334,7 +2339,7 @@ mod tests {
         assert_eq!(spool.stats("t").queued, 1);
 
         // A crash now: the log has all of it.
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let image = crash_image(dir.path(), &ALL_FILES);
         // A flush stores it in the log: still nothing in redb.
         spool.flush().await.unwrap();
         assert!(rows_in_redb(&spool).is_empty());
@@ -2352,28 +2357,23 @@ mod tests {
     }
 
     /// Stores `first` and then `second` such that `second`'s group is a checkpoint under load:
-    /// the writer is held up (it waits for a lock the test holds) on `first`'s group until the
-    /// checkpoint is due, and `second` is waiting for it then, so the idle checkpoint never comes.
+    /// the writer is held up on `first`'s group until the checkpoint is due, and `second` is
+    /// waiting for it then, so the idle checkpoint never comes.
     async fn checkpoint_under_load(spool: &RedbSpool, first: Delivery, second: Delivery) {
-        let batch = |d: Delivery| Batch {
-            deliveries: vec![d],
-            dead: Vec::new(),
-        };
-        let held_up = lock(&spool.shared.in_flight);
-        let first = spool.enqueue(batch(first));
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let second = spool.enqueue(batch(second));
-        std::thread::sleep(CHECKPOINT_EVERY);
-        drop(held_up);
-        first.await.unwrap();
-        second.await.unwrap();
+        in_one_group(spool, first, || {
+            drop(spool.enqueue(Batch {
+                deliveries: vec![second],
+                dead: Vec::new(),
+            }));
+            std::thread::sleep(CHECKPOINT_EVERY);
+        });
+        spool.flush().await.unwrap();
     }
 
     #[tokio::test]
     async fn a_checkpoint_under_load_carries_deliveries_on_their_way_over_in_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
-        let log_files = ["spool.wal", "spool.wal.1"];
         let (a, b) = (delivery("t", 1), delivery("t", 1));
         put(&spool, vec![a.clone(), b.clone()]).await;
         assert_eq!(taken_ids(&spool, "t", 1, 1), vec![a.id.clone()]);
@@ -2386,16 +2386,16 @@ mod tests {
         // `d` came in the checkpoint's own transaction; `a` (in flight), `b` and `c` (queued)
         // were carried over in the log, not written to redb.
         assert_eq!(rows_in_redb(&spool), vec![id_of(&d.id)]);
-        for file in log_files {
+        for file in WAL_FILES {
             std::fs::copy(dir.path().join(file), before.path().join(file)).unwrap();
         }
-        let after = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let after = crash_image(dir.path(), &ALL_FILES);
         // A carried delivery is completed in the log alone, like any held one. (The assertions on
         // redb's rows come within the second, before an idle checkpoint would write them all.)
         spool.complete(&a);
         spool.flush().await.unwrap();
         assert_eq!(rows_in_redb(&spool), vec![id_of(&d.id)]);
-        let completed = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let completed = crash_image(dir.path(), &ALL_FILES);
 
         let queued_after_reopening =
             |image: &Path| queued(&RedbSpool::open(image, 1 << 30).unwrap());
@@ -2411,7 +2411,7 @@ mod tests {
         let mut want: Vec<u128> = [&b, &c, &d, &f].iter().map(|x| id_of(&x.id)).collect();
         want.sort();
         assert_eq!(rows, want);
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let image = crash_image(dir.path(), &ALL_FILES);
         assert_eq!(
             queued_after_reopening(image.path()),
             ids(&[&b, &c, &d, &e, &f])
@@ -2471,7 +2471,7 @@ mod tests {
         // `a` went to redb to be buried; `y` stayed in the log, as `b` and `c` did.
         assert!(rows_in_redb(&spool).is_empty());
         assert!(spool.get_dead(&a.id).unwrap().is_some());
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let image = crash_image(dir.path(), &ALL_FILES);
         let reopened = RedbSpool::open(image.path(), 1 << 30).unwrap();
         assert_eq!(queued(&reopened), ids(&[&b, &c, &y]));
         drop(reopened);
@@ -2527,7 +2527,7 @@ mod tests {
         let mut want = vec![id_of(&big.id), id_of(&y.id)];
         want.sort();
         assert_eq!(rows, want, "`c` carried over, `y` and the big one in redb");
-        let image = crash_image(dir.path(), &["spool.redb", "spool.wal", "spool.wal.1"]);
+        let image = crash_image(dir.path(), &ALL_FILES);
         let reopened = RedbSpool::open(image.path(), 1 << 30).unwrap();
         assert_eq!(queued(&reopened), ids(&[&big, &c, &y]));
     }
