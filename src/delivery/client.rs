@@ -4,10 +4,13 @@
 //! in its own task. Synchronous asks use the process's pooled hyper client. Both connect with one
 //! connector (rustls with the webpki roots), follow no redirects and have explicit timeouts.
 //! [`prepare`] builds method, URL, headers and body; `explain` shows its result, and a lane sends
-//! it, so a dry run and a real attempt cannot disagree.
+//! it, so a dry run and a real attempt cannot disagree. (A lane prepares with [`prepare_with`],
+//! which reuses the header values of its last request where they are the same, and keeps its
+//! last URL parsed: the same request, made with fewer allocations.)
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -91,8 +94,60 @@ fn header_text(text: &str) -> HeaderValue {
     })
 }
 
+/// Header values made for earlier requests, kept while later ones carry the same text: the
+/// deliveries of one lane mostly share their source, command and route, and a second's
+/// timestamp.
+#[derive(Default)]
+pub struct HeaderValues {
+    source: Last<Arc<str>>,
+    command: Last<Arc<str>>,
+    route: Last<Arc<str>>,
+    timestamp: Last<u64>,
+}
+
+/// The value made for the last key given.
+struct Last<K>(Option<(K, HeaderValue)>);
+
+impl<K> Default for Last<K> {
+    fn default() -> Self {
+        Last(None)
+    }
+}
+
+impl<K: PartialEq + Clone> Last<K> {
+    fn get(&mut self, key: &K, make: impl FnOnce(&K) -> HeaderValue) -> HeaderValue {
+        match &self.0 {
+            Some((last, value)) if last == key => value.clone(),
+            _ => {
+                let value = make(key);
+                self.0 = Some((key.clone(), value.clone()));
+                value
+            }
+        }
+    }
+}
+
+/// `x-switchyard-attempt` for the first attempts without making a value each time.
+fn attempt_value(attempt: u32) -> HeaderValue {
+    const SMALL: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get((attempt as usize).wrapping_sub(1)) {
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from(attempt),
+    }
+}
+
 /// The request for attempt number `delivery.attempts + 1`, stamped at `now_secs`.
 pub fn prepare(target: &Target, delivery: &Delivery, now_secs: u64) -> Prepared {
+    prepare_with(target, delivery, now_secs, &mut HeaderValues::default())
+}
+
+/// [`prepare`], taking the header values it can from `values` (a lane's).
+pub fn prepare_with(
+    target: &Target,
+    delivery: &Delivery,
+    now_secs: u64,
+    values: &mut HeaderValues,
+) -> Prepared {
     let url = target.url.render(&UrlVars {
         command: &delivery.command,
         source: &delivery.source,
@@ -112,16 +167,25 @@ pub fn prepare(target: &Target, delivery: &Delivery, now_secs: u64) -> Prepared 
             .unwrap_or_else(|| HeaderValue::from_static("application/json")),
     );
     headers.insert(WEBHOOK_ID.clone(), header_text(&delivery.id));
-    headers.insert(WEBHOOK_TIMESTAMP.clone(), HeaderValue::from(now_secs));
+    headers.insert(
+        WEBHOOK_TIMESTAMP.clone(),
+        values
+            .timestamp
+            .get(&now_secs, |&secs| HeaderValue::from(secs)),
+    );
     if let Some(key) = &target.signing_key {
         let sig = signing::signature(key, &delivery.id, now_secs, &delivery.body);
         headers.insert(WEBHOOK_SIGNATURE.clone(), header_text(&sig));
     }
     headers.insert(X_EVENT.clone(), header_text(&delivery.event_id));
-    headers.insert(X_SOURCE.clone(), header_text(&delivery.source));
-    headers.insert(X_COMMAND.clone(), header_text(&delivery.command));
-    headers.insert(X_ROUTE.clone(), header_text(&delivery.route));
-    headers.insert(X_ATTEMPT.clone(), HeaderValue::from(delivery.attempts + 1));
+    let text = |key: &Arc<str>| header_text(key);
+    headers.insert(X_SOURCE.clone(), values.source.get(&delivery.source, text));
+    headers.insert(
+        X_COMMAND.clone(),
+        values.command.get(&delivery.command, text),
+    );
+    headers.insert(X_ROUTE.clone(), values.route.get(&delivery.route, text));
+    headers.insert(X_ATTEMPT.clone(), attempt_value(delivery.attempts + 1));
     Prepared {
         method: target.method.clone(),
         url,
@@ -180,6 +244,38 @@ pub async fn send_keeping(
 pub struct Lane {
     connector: Connector,
     conn: Option<Conn>,
+    /// The header values of the lane's last request, for the next one.
+    values: HeaderValues,
+    /// The last URL the lane sent to, parsed, for the next request to it.
+    last_url: Option<RequestTarget>,
+}
+
+/// What a request needs of its URL, made once for every request to that URL.
+struct RequestTarget {
+    url: String,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// `Host`, unless the target's headers set one.
+    host: HeaderValue,
+    /// The origin form HTTP/1.1 sends: path and query.
+    path: Uri,
+}
+
+impl RequestTarget {
+    fn of(url: String) -> Result<RequestTarget, Outcome> {
+        let uri = uri_of(&url).map_err(|e| Outcome::Invalid(format!("url {url}: {e}")))?;
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
+        else {
+            return Err(Outcome::Invalid(format!("url {url}: no scheme or host")));
+        };
+        Ok(RequestTarget {
+            host: host_header(&scheme, &authority),
+            path: origin_form(uri),
+            url,
+            scheme,
+            authority,
+        })
+    }
 }
 
 struct Conn {
@@ -191,8 +287,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn serves(&self, uri: &Uri) -> bool {
-        uri.scheme() == Some(&self.scheme) && uri.authority() == Some(&self.authority)
+    fn serves(&self, scheme: &http::uri::Scheme, authority: &http::uri::Authority) -> bool {
+        *scheme == self.scheme && *authority == self.authority
     }
 }
 
@@ -219,7 +315,14 @@ impl Lane {
         Lane {
             connector,
             conn: None,
+            values: HeaderValues::default(),
+            last_url: None,
         }
+    }
+
+    /// [`prepare`], with the header values this lane made for its earlier requests.
+    pub fn prepare(&mut self, target: &Target, delivery: &Delivery, now_secs: u64) -> Prepared {
+        prepare_with(target, delivery, now_secs, &mut self.values)
     }
 
     /// Whether the lane holds a kept-alive connection.
@@ -253,18 +356,18 @@ impl Lane {
     }
 
     async fn exchange(&mut self, prepared: Prepared) -> Outcome {
-        let uri = match uri_of(&prepared.url) {
-            Ok(u) => u,
-            Err(e) => return Outcome::Invalid(format!("url {}: {e}", prepared.url)),
+        let url = match self.last_url.take() {
+            Some(last) if last.url == prepared.url => last,
+            _ => match RequestTarget::of(prepared.url) {
+                Ok(url) => url,
+                Err(invalid) => return invalid,
+            },
         };
-        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
-        else {
-            return Outcome::Invalid(format!("url {}: no scheme or host", prepared.url));
-        };
+        let (scheme, authority) = (url.scheme.clone(), url.authority.clone());
         if self
             .conn
             .as_ref()
-            .is_some_and(|c| !c.serves(&uri) || c.sender.is_closed())
+            .is_some_and(|c| !c.serves(&scheme, &authority) || c.sender.is_closed())
         {
             self.conn = None;
         }
@@ -273,18 +376,19 @@ impl Lane {
         *request.headers_mut() = prepared.headers;
         let headers = request.headers_mut();
         if !headers.contains_key(http::header::HOST) {
-            headers.insert(http::header::HOST, host_header(&scheme, &authority));
+            headers.insert(http::header::HOST, url.host.clone());
         }
         headers
             .entry(http::header::USER_AGENT)
             .or_insert(HeaderValue::from_static(USER_AGENT));
-        *request.uri_mut() = origin_form(uri);
+        *request.uri_mut() = url.path.clone();
+        self.last_url = Some(url);
         let mut request = Some(request);
         // A kept-alive connection the peer closed just now fails the request before it is
         // written; it then goes once more on a new connection.
         for second_try in [false, true] {
             if self.conn.is_none() {
-                match self.connect(&scheme, &authority).await {
+                match Box::pin(self.connect(&scheme, &authority)).await {
                     Ok(conn) => self.conn = Some(conn),
                     Err(e) => return Outcome::Connect(e),
                 }
@@ -450,7 +554,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -593,7 +697,9 @@ mod tests {
     async fn a_lane_keeps_its_connection_and_sends_origin_form_with_host() {
         let (url, seen) = server(Mode::KeepAlive).await;
         let mut lane = Lane::new(build_connector());
-        for i in 0..5 {
+        // A URL again, then another: each request goes where its own URL says.
+        let queries = [0, 0, 1, 1, 2];
+        for i in queries {
             let outcome = lane.send(request(&format!("{url}/in?n={i}")), WAIT).await;
             assert!(answered_200(&outcome), "{outcome:?}");
             assert!(lane.is_connected());
@@ -604,17 +710,102 @@ mod tests {
             "one connection for all five"
         );
         let host = url.trim_start_matches("http://");
-        let first = seen.lock().unwrap()[0][0].clone();
-        assert_eq!(
-            first,
-            ("POST /in?n=0 HTTP/1.1".to_string(), host.to_string())
-        );
-        // Another origin: a connection of its own.
+        let lines = |seen: &Seen, connection: usize| -> Vec<(String, String)> {
+            seen.lock().unwrap()[connection].clone()
+        };
+        let expected: Vec<_> = queries
+            .iter()
+            .map(|i| (format!("POST /in?n={i} HTTP/1.1"), host.to_string()))
+            .collect();
+        assert_eq!(lines(&seen, 0), expected);
+        // Another origin: a connection of its own, and back to the first one.
         let (other, other_seen) = server(Mode::KeepAlive).await;
         assert!(answered_200(
             &lane.send(request(&format!("{other}/x")), WAIT).await
         ));
         assert_eq!(per_connection(&other_seen), vec![1]);
+        let other_host = other.trim_start_matches("http://").to_string();
+        assert_eq!(
+            lines(&other_seen, 0),
+            vec![("POST /x HTTP/1.1".to_string(), other_host)]
+        );
+        assert!(answered_200(
+            &lane.send(request(&format!("{url}/in?n=2")), WAIT).await
+        ));
+        assert_eq!(per_connection(&seen), vec![5, 1]);
+        assert_eq!(
+            lines(&seen, 1),
+            vec![("POST /in?n=2 HTTP/1.1".to_string(), host.to_string())]
+        );
+    }
+
+    /// A target with headers of its own and a signing secret, on a URL with placeholders.
+    fn signed_target() -> Arc<Target> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("rules.yaml"),
+            r#"
+sources:
+  app: { path: /hooks/app, dialect: generic, command: body.type }
+targets:
+  t:
+    url: "http://127.0.0.1:9/{source}/{command}?route={route}"
+    headers: { x-team: platform }
+    signing_secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+routes:
+  - name: r
+    to: [t]
+"#,
+        )
+        .unwrap();
+        let engine = crate::script::ScriptEngine::new(dir.path(), &Default::default());
+        let rules = crate::rules::load(dir.path(), &engine).unwrap();
+        rules.target("t").unwrap().clone()
+    }
+
+    fn delivery(n: usize, source: &str, command: &str, route: &str, attempts: u32) -> Delivery {
+        Delivery {
+            id: format!("msg_{n}").into(),
+            event_id: format!("ev-{n}").into(),
+            source: source.into(),
+            command: command.into(),
+            route: route.into(),
+            target: "t".into(),
+            content_type: None,
+            body: Bytes::from(format!("{{\"n\":{n}}}")),
+            attempts,
+            created_at: 0,
+            due_at: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_lane_prepares_every_request_as_a_fresh_prepare_would() {
+        let target = signed_target();
+        let mut lane = Lane::new(build_connector());
+        // Sources, commands, routes, attempts and seconds that repeat and change, in both
+        // directions; a command that needs percent-encoding in a header.
+        let cases = [
+            (delivery(1, "app", "Group.A", "r", 0), 1_700_000_000),
+            (delivery(2, "app", "Group.A", "r", 0), 1_700_000_000),
+            (delivery(3, "app", "Group.B", "r", 2), 1_700_000_000),
+            (delivery(4, "other", "Group.B", "r2", 9), 1_700_000_001),
+            (delivery(5, "app", "Gruppe.ä", "r", 0), 1_700_000_001),
+            (delivery(6, "app", "Group.A", "r", 41), 1_700_000_000),
+        ];
+        for (delivery, now) in &cases {
+            let fresh = prepare(&target, delivery, *now);
+            let kept = lane.prepare(&target, delivery, *now);
+            assert_eq!(kept.url, fresh.url);
+            assert_eq!(kept.method, fresh.method);
+            assert_eq!(kept.body, fresh.body);
+            assert_eq!(kept.headers, fresh.headers, "delivery {}", delivery.id);
+            let attempt = (delivery.attempts + 1).to_string();
+            assert_eq!(kept.headers["x-switchyard-attempt"], attempt.as_str());
+            assert_eq!(kept.headers["webhook-timestamp"], now.to_string().as_str());
+            assert_eq!(kept.headers["x-switchyard-route"], &*delivery.route);
+        }
     }
 
     #[tokio::test]

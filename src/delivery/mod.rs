@@ -441,8 +441,13 @@ impl Deliverer {
                         self.staff(worker, &target);
                     }
                     worker.in_flight.fetch_add(1, Ordering::AcqRel);
-                    self.attempt(worker, &target, &mut lane, &mut meters, delivery)
-                        .await;
+                    // Awaited here rather than inside a function of its own: the attempt's
+                    // future is then made once, not moved again into another.
+                    let started = Instant::now();
+                    let prepared = lane.prepare(&target, &delivery, now_ms() / 1000);
+                    let outcome = lane.send(prepared, target.timeout).await;
+                    meters.duration.record(started.elapsed().as_secs_f64());
+                    self.settle(worker, &target, &mut meters, delivery, outcome);
                     worker.in_flight.fetch_sub(1, Ordering::AcqRel);
                     continue;
                 }
@@ -492,19 +497,17 @@ impl Deliverer {
         }
     }
 
-    async fn attempt(
+    /// What an attempt's outcome makes of its delivery: delivered, retried later, or a dead
+    /// letter.
+    fn settle(
         &self,
         worker: &Worker,
         target: &Target,
-        lane: &mut client::Lane,
         meters: &mut LaneMeters,
         mut delivery: Delivery,
+        outcome: Outcome,
     ) {
-        let started = Instant::now();
-        let prepared = client::prepare(target, &delivery, now_ms() / 1000);
-        let outcome = lane.send(prepared, target.timeout).await;
         delivery.attempts += 1;
-        meters.duration.record(started.elapsed().as_secs_f64());
         match retry::classify(&outcome, delivery.attempts, &target.retry) {
             Disposition::Delivered => {
                 meters
