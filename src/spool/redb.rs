@@ -564,9 +564,9 @@ struct Effects {
 /// after writes any still held. Any other operation is a transaction, and one that concerns a held
 /// delivery (a retry, a dead letter) writes that delivery to redb first.
 ///
-/// Deliveries are held only where their target's `fresh` cache holds every delivery queued (see
-/// [`taken_from_memory`]), so they are taken from memory as before; one the cache had no room
-/// for is found by a scan of redb after the checkpoint that writes it (its target is woken then).
+/// Deliveries are held only where their target's `fresh` cache holds every delivery queued and
+/// has room for them (see [`taken_from_memory`]), so they are taken from memory as before: a
+/// scheduler that reads redb would not find a held delivery until a checkpoint wrote it.
 #[derive(Default)]
 struct Held {
     inserts: HashMap<u128, HeldInsert>,
@@ -1198,12 +1198,14 @@ fn write_group(
 /// gains nothing — it would be read from redb once written — and the checkpoint that wrote it
 /// would carry the work every group would otherwise have done: those groups are transactions.
 fn taken_from_memory(shared: &Shared, ops: &[Op]) -> bool {
-    let mut targets: Vec<&str> = Vec::new();
+    // Per target: how many deliveries the group stores.
+    let mut targets: Vec<(&str, u64)> = Vec::new();
     for op in ops {
         if let Op::Enqueue(batch, _) = op {
             for d in &batch.deliveries {
-                if !targets.contains(&&*d.target) {
-                    targets.push(&d.target);
+                match targets.iter_mut().find(|(t, _)| *t == &*d.target) {
+                    Some((_, n)) => *n += 1,
+                    None => targets.push((&d.target, 1)),
                 }
             }
         }
@@ -1214,9 +1216,11 @@ fn taken_from_memory(shared: &Shared, ops: &[Op]) -> bool {
     let in_flight = lock(&shared.in_flight);
     let queued = lock(&shared.queued);
     let fresh = lock(&shared.fresh);
-    targets
-        .iter()
-        .all(|t| cache_complete(&in_flight, &queued, &fresh, t))
+    targets.iter().all(|(t, n)| {
+        let (q, i, f) = counts(&in_flight, &queued, &fresh, t);
+        // Complete, and with room for all of them (as `cache_stored` will want).
+        q == i + f && f + n <= FRESH_MAX as u64
+    })
 }
 
 /// Appends a planned group to the log and holds its changes.
@@ -2568,41 +2572,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn deliveries_held_past_the_in_memory_window_are_handed_out_after_the_checkpoint() {
+    async fn deliveries_past_the_in_memory_window_are_handed_out_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let opened = Instant::now();
         let spool = RedbSpool::open(dir.path(), 1 << 30).unwrap();
-        let woken = Arc::new(Mutex::new(Vec::<String>::new()));
-        let seen_by = woken.clone();
-        spool.on_ready(Arc::new(move |target: &str| {
-            lock(&seen_by).push(target.to_owned())
-        }));
-        // The first group nearly fills the target's window; the second is held in the log like
-        // it, but has no room there: neither the window nor redb has it until the checkpoint.
+        // The first group nearly fills the target's window and is held in the log; the second
+        // has no room there, so it goes to redb, where the scheduler finds it — not only after
+        // the next checkpoint has written it.
         let first: Vec<Delivery> = (0..FRESH_MAX - 2).map(|_| delivery("t", 1)).collect();
         put(&spool, first.clone()).await;
         let second: Vec<Delivery> = (0..5).map(|_| delivery("t", 1)).collect();
         put(&spool, second.clone()).await;
         assert_eq!(spool.stats("t").queued, (FRESH_MAX + 3) as u64);
         let mut seen = taken_ids(&spool, "t", 1, 10_000);
-        // (On a machine slow enough to take a second to get here, the checkpoint came first.)
-        let before_checkpoint = opened.elapsed() < CHECKPOINT_EVERY;
-        if before_checkpoint {
-            assert_eq!(seen.len(), FRESH_MAX - 2, "the window, and nothing twice");
-        }
-        lock(&woken).clear();
-        // The idle checkpoint writes the held deliveries to redb and wakes their target; the
-        // scheduler then finds the other five there, and none of those in flight again.
-        tokio::time::sleep(CHECKPOINT_EVERY + std::time::Duration::from_millis(500)).await;
-        if before_checkpoint {
-            assert!(lock(&woken).iter().any(|t| t == "t"), "the target is woken");
-        }
-        seen.extend(taken_ids(&spool, "t", 1, 10_000));
         let mut want: Vec<Arc<str>> = first.iter().chain(&second).map(|d| d.id.clone()).collect();
         seen.sort();
         want.sort();
-        assert_eq!(seen, want, "every delivery handed out once");
-        for d in first.iter().chain(&second) {
+        let missing = want
+            .iter()
+            .filter(|id| seen.binary_search(id).is_err())
+            .count();
+        assert_eq!(missing, 0, "every delivery handed out");
+        assert!(seen == want, "and none twice");
+        assert!(taken_ids(&spool, "t", 1, 10_000).is_empty());
+        // The next group of the target is a transaction too while its window misses some.
+        let third = delivery("t", 1);
+        put(&spool, vec![third.clone()]).await;
+        assert_eq!(taken_ids(&spool, "t", 1, 10), vec![third.id.clone()]);
+        for d in first.iter().chain(&second).chain([&third]) {
             spool.complete(d);
         }
         spool.flush().await.unwrap();
