@@ -1218,8 +1218,7 @@ fn taken_from_memory(shared: &Shared, ops: &[Op]) -> bool {
     let fresh = lock(&shared.fresh);
     targets.iter().all(|(t, n)| {
         let (q, i, f) = counts(&in_flight, &queued, &fresh, t);
-        // Complete, and with room for all of them (as `cache_stored` will want).
-        q == i + f && f + n <= FRESH_MAX as u64
+        cache_takes(q, i, f, *n)
     })
 }
 
@@ -1245,10 +1244,7 @@ fn log_only(
     for op in ops {
         if let Op::Enqueue(batch, reply) = op {
             let verdict = verdicts.next().expect("a verdict per enqueue");
-            if verdict.is_ok() {
-                effects.stored.extend(batch.deliveries);
-            }
-            pending.push(Pending::Unit(reply, verdict));
+            answer_store(batch, reply, verdict, effects, pending);
         }
     }
     log.wal
@@ -1257,6 +1253,20 @@ fn log_only(
     log.held.keep(shared, changes);
     log.behind = true;
     Ok(())
+}
+
+/// The answer to a store held in the log: its deliveries count as stored if it was.
+fn answer_store(
+    batch: Batch,
+    reply: Reply<()>,
+    verdict: Result<(), SpoolError>,
+    effects: &mut Effects,
+    pending: &mut Vec<Pending>,
+) {
+    if verdict.is_ok() {
+        effects.stored.extend(batch.deliveries);
+    }
+    pending.push(Pending::Unit(reply, verdict));
 }
 
 fn log_error(log: &Logged, e: std::io::Error) -> SpoolError {
@@ -1310,14 +1320,9 @@ fn transaction(
                         && batch.dead.is_empty()
                         && log.held.bytes + held_bytes <= HELD_MAX =>
                 {
-                    match hold(shared, &batch, |e| tables.note(e), &mut changes, effects) {
-                        Ok(n) => {
-                            held_bytes += n;
-                            effects.stored.extend(batch.deliveries);
-                            pending.push(Pending::Unit(reply, Ok(())));
-                        }
-                        Err(e) => pending.push(Pending::Unit(reply, Err(e))),
-                    }
+                    let verdict = hold(shared, &batch, |e| tables.note(e), &mut changes, effects)
+                        .map(|n| held_bytes += n);
+                    answer_store(batch, reply, verdict, effects, pending);
                     held_used += effects.used - before;
                 }
                 op => {
@@ -1437,6 +1442,12 @@ fn counts(
     )
 }
 
+/// Whether a target's cache takes `n` new deliveries: it holds every one queued before them
+/// (`queued`, less those `in_flight`, are the `cached`) and has room for all `n`.
+fn cache_takes(queued: u64, in_flight: u64, cached: u64, n: u64) -> bool {
+    queued == in_flight + cached && cached + n <= FRESH_MAX as u64
+}
+
 /// Puts just-stored deliveries in the cache of their target, where the cache was complete
 /// before them (else it stays incomplete and the scheduler reads the spool).
 fn cache_stored(
@@ -1455,10 +1466,12 @@ fn cache_stored(
     }
     let mut ok: HashMap<Arc<str>, bool> = HashMap::default();
     for (target, n) in &added {
+        // `queued` counts this group's already.
         let (q, i, f) = counts(in_flight, queued, fresh, target);
-        // Complete before this group, and room for all of it.
-        let complete = q.checked_sub(*n) == Some(i + f);
-        ok.insert(target.clone(), complete && f + n <= FRESH_MAX as u64);
+        let takes = q
+            .checked_sub(*n)
+            .is_some_and(|before| cache_takes(before, i, f, *n));
+        ok.insert(target.clone(), takes);
     }
     for d in stored {
         if !ok.get(&d.target).copied().unwrap_or(false) {
@@ -2303,7 +2316,7 @@ mod tests {
         // The first record torn: its last byte never reached the disk.
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .open(dir.path().join("spool.wal"))
+            .open(dir.path().join(WAL_FILES[0]))
             .unwrap();
         let torn_at = (wal::HEADER + record_of(&x).as_bytes().len() - 1) as u64;
         std::os::unix::fs::FileExt::write_all_at(&file, &[0xee], torn_at).unwrap();
