@@ -2596,6 +2596,9 @@ mod tests {
         let second: Vec<Delivery> = (0..5).map(|_| delivery("t", 1)).collect();
         put(&spool, second.clone()).await;
         assert_eq!(spool.stats("t").queued, (FRESH_MAX + 3) as u64);
+        // The window stays within its bound: memory does not grow with a backlog.
+        let cached = lock(&spool.shared.fresh).get("t").map_or(0, VecDeque::len);
+        assert_eq!(cached, FRESH_MAX - 2);
         let mut seen = taken_ids(&spool, "t", 1, 10_000);
         let mut want: Vec<Arc<str>> = first.iter().chain(&second).map(|d| d.id.clone()).collect();
         seen.sort();
