@@ -916,6 +916,14 @@ fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>, wal: Wal)
         started: Instant::now(),
     };
     loop {
+        // A group anyone waits for is written at once, or once GROUP_GAP has passed since the
+        // last one began. That time is slept out before looking for work: under load operations
+        // come meanwhile, and each wait for the first of them would wake the writer only for it
+        // to sleep again.
+        let since = log.started.elapsed();
+        if since < GROUP_GAP && !log.checkpoint_due() {
+            std::thread::sleep(GROUP_GAP - since);
+        }
         // Idle with changes that only the log holds: checkpoint when they are due. Idle means no
         // operation for GROUP_GAP at least: under load the queue is empty now and then for a
         // moment, and a checkpoint under load carries deliveries over where an idle one writes
@@ -942,21 +950,13 @@ fn write_loop(db: &Database, shared: &Shared, rx: &mpsc::Receiver<Op>, wal: Wal)
         let mut waited = false;
         gather(rx, &mut ops, |ops| {
             // Nobody waits for a group of settlements (delivered, retried, dead): let it gather
-            // more, up to SETTLE_WAIT, so fewer transactions carry them. A group anyone waits
-            // for is written at once, or once GROUP_GAP has passed since the last one began.
+            // more, up to SETTLE_WAIT, so fewer transactions carry them.
             if waited || ops.iter().any(Op::awaited) {
                 return None;
             }
             waited = true;
             Some(SETTLE_WAIT)
         });
-        if !log.checkpoint_due() {
-            let since = log.started.elapsed();
-            if since < GROUP_GAP {
-                std::thread::sleep(GROUP_GAP - since);
-                gather(rx, &mut ops, |_| None);
-            }
-        }
         let took = write_group(db, shared, ops, &mut log);
         if let Some(report) = slow.note(took, Instant::now()) {
             // The line may come at a fast commit (reporting earlier slow ones): it names only them.
