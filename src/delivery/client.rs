@@ -242,12 +242,48 @@ pub async fn send_keeping(
 /// of the lane's last request, driven by the lane's own task — an attempt needs no other task, no
 /// pool lookup and no hand-over between tasks.
 pub struct Lane {
-    connector: Connector,
-    conn: Option<Conn>,
+    link: Link,
     /// The header values of the lane's last request, for the next one.
     values: HeaderValues,
+    alarm: Alarm,
+}
+
+/// What a lane sends through: its connection, and how to make a new one.
+struct Link {
+    connector: Connector,
+    conn: Option<Conn>,
     /// The last URL the lane sent to, parsed, for the next request to it.
     last_url: Option<RequestTarget>,
+}
+
+/// A lane's one timer, for its attempts' timeouts and for how long it stays idle. A timer per
+/// attempt (`tokio::time::timeout`) is put into the runtime's timer wheel and taken out again
+/// every time, each under the wheel's lock; this one is moved only when it goes off before the
+/// deadline waited for, or must go off sooner — under load about once per timeout, not once per
+/// attempt.
+#[derive(Default)]
+pub struct Alarm {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Alarm {
+    /// Completes once `deadline` has passed.
+    pub async fn until(&mut self, deadline: tokio::time::Instant) {
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            sleep.as_mut().await;
+            if sleep.deadline() >= deadline {
+                return;
+            }
+            // It went off for an earlier deadline, one nothing waits for any more.
+            sleep.as_mut().reset(deadline);
+        }
+    }
 }
 
 /// What a request needs of its URL, made once for every request to that URL.
@@ -313,10 +349,13 @@ async fn drive<F: Future>(driver: &mut Driver, work: F) -> (F::Output, bool) {
 impl Lane {
     pub fn new(connector: Connector) -> Lane {
         Lane {
-            connector,
-            conn: None,
+            link: Link {
+                connector,
+                conn: None,
+                last_url: None,
+            },
             values: HeaderValues::default(),
-            last_url: None,
+            alarm: Alarm::default(),
         }
     }
 
@@ -327,31 +366,46 @@ impl Lane {
 
     /// Whether the lane holds a kept-alive connection.
     pub fn is_connected(&self) -> bool {
-        self.conn.is_some()
+        self.link.conn.is_some()
     }
 
-    /// Completes when the kept-alive connection ends (the peer closed it, say), which the lane
-    /// notices while it waits for work; pending for ever without one.
-    pub async fn watch(&mut self) {
-        match &mut self.conn {
-            Some(conn) => {
-                let _ = conn.driver.as_mut().await;
-                self.conn = None;
-            }
-            None => std::future::pending().await,
+    /// Waits while the lane has no work: `true` as soon as its kept-alive connection ends (the
+    /// peer closed it, say), `false` once `idle_for` has passed.
+    pub async fn idle(&mut self, idle_for: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + idle_for;
+        tokio::select! {
+            () = self.link.watch() => true,
+            () = self.alarm.until(deadline) => false,
         }
     }
 
     /// Sends one attempt on this lane's connection (a new one if it has none to the URL's origin)
     /// and reports what came of it, within `timeout` (connecting and reading the answer included).
     pub async fn send(&mut self, prepared: Prepared, timeout: Duration) -> Outcome {
-        match tokio::time::timeout(timeout, self.exchange(prepared)).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                // The answer may still come: the connection cannot carry another request.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outcome = tokio::select! {
+            biased;
+            outcome = self.link.exchange(prepared) => Some(outcome),
+            () = self.alarm.until(deadline) => None,
+        };
+        outcome.unwrap_or_else(|| {
+            // The answer may still come: the connection cannot carry another request.
+            self.link.conn = None;
+            Outcome::Timeout
+        })
+    }
+}
+
+impl Link {
+    /// Completes when the kept-alive connection ends (the peer closed it, say), which the lane
+    /// notices while it waits for work; pending for ever without one.
+    async fn watch(&mut self) {
+        match &mut self.conn {
+            Some(conn) => {
+                let _ = conn.driver.as_mut().await;
                 self.conn = None;
-                Outcome::Timeout
             }
+            None => std::future::pending().await,
         }
     }
 
@@ -827,7 +881,7 @@ routes:
                 &lane.send(request(&format!("{url}/in")), WAIT).await
             ));
             assert!(lane.is_connected());
-            tokio::time::timeout(WAIT, lane.watch()).await.unwrap();
+            assert!(lane.idle(WAIT).await, "the lane saw its connection end");
             assert!(!lane.is_connected());
         }
         assert_eq!(per_connection(&seen), vec![1, 1, 1]);
@@ -850,13 +904,39 @@ routes:
             assert!(!lane.is_connected());
         }
         assert_eq!(per_connection(&seen), vec![1, 1]);
-        // No answer in time: a timeout, and the connection goes with it.
+        // No answer in time: a timeout, and the connection goes with it. The lane's timer was
+        // last set for a later deadline (the sends above, with WAIT): it goes off at this one.
         let (url, _) = server(Mode::Mute).await;
+        let started = std::time::Instant::now();
         let outcome = lane
             .send(request(&format!("{url}/in")), Duration::from_millis(200))
             .await;
         assert!(matches!(outcome, Outcome::Timeout), "{outcome:?}");
+        assert!(started.elapsed() < WAIT / 2, "{:?}", started.elapsed());
         assert!(!lane.is_connected());
+    }
+
+    /// An alarm goes off at the deadline waited for, whatever it was set for before: a later
+    /// one (it is moved back), or an earlier one that passed (it is moved on).
+    #[tokio::test(start_paused = true)]
+    async fn an_alarm_goes_off_at_the_deadline_waited_for() {
+        let start = tokio::time::Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let now = || (tokio::time::Instant::now() - start).as_millis();
+        let mut alarm = Alarm::default();
+        alarm.until(at(10)).await;
+        assert_eq!(now(), 10_000);
+        // Waited for until 70 s, given up at 11 s: the alarm is left set for 70 s.
+        let gave_up = tokio::time::timeout(Duration::from_secs(1), alarm.until(at(70))).await;
+        assert!(gave_up.is_err());
+        assert_eq!(now(), 11_000);
+        alarm.until(at(16)).await;
+        assert_eq!(now(), 16_000);
+        alarm.until(at(46)).await;
+        assert_eq!(now(), 46_000);
+        // A deadline already passed: at once.
+        alarm.until(at(20)).await;
+        assert_eq!(now(), 46_000);
     }
 
     #[tokio::test]

@@ -471,8 +471,8 @@ impl Deliverer {
             let go_on = due
                 || tokio::select! {
                     _ = notified => true,
-                    _ = lane.watch() => true,
-                    _ = tokio::time::sleep(idle_for) => false,
+                    // The connection ended (go on without it), or the lane was idle too long.
+                    ended = lane.idle(idle_for) => ended,
                     _ = self.stop.cancelled() => false,
                 };
             worker.idle.fetch_sub(1, Ordering::SeqCst);
