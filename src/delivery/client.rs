@@ -4,7 +4,7 @@
 //! in its own task. Synchronous asks use the process's pooled hyper client. Both connect with one
 //! connector (rustls with the webpki roots), follow no redirects and have explicit timeouts.
 //! [`prepare`] builds method, URL, headers and body; `explain` shows its result, and a lane sends
-//! it, so a dry run and a real attempt cannot disagree. (A lane prepares with [`prepare_with`],
+//! it, so a dry run and a real attempt cannot disagree. (A lane prepares with `prepare_with`,
 //! which reuses the header values of its last request where they are the same, and keeps its
 //! last URL parsed: the same request, made with fewer allocations.)
 
@@ -98,7 +98,7 @@ fn header_text(text: &str) -> HeaderValue {
 /// deliveries of one lane mostly share their source, command and route, and a second's
 /// timestamp.
 #[derive(Default)]
-pub struct HeaderValues {
+struct HeaderValues {
     source: Last<Arc<str>>,
     command: Last<Arc<str>>,
     route: Last<Arc<str>>,
@@ -142,7 +142,7 @@ pub fn prepare(target: &Target, delivery: &Delivery, now_secs: u64) -> Prepared 
 }
 
 /// [`prepare`], taking the header values it can from `values` (a lane's).
-pub fn prepare_with(
+fn prepare_with(
     target: &Target,
     delivery: &Delivery,
     now_secs: u64,
@@ -262,13 +262,13 @@ struct Link {
 /// deadline waited for, or must go off sooner — under load about once per timeout, not once per
 /// attempt.
 #[derive(Default)]
-pub struct Alarm {
+struct Alarm {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Alarm {
     /// Completes once `deadline` has passed.
-    pub async fn until(&mut self, deadline: tokio::time::Instant) {
+    async fn until(&mut self, deadline: tokio::time::Instant) {
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
